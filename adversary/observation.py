@@ -1,0 +1,72 @@
+"""The threat model as types: what the honest-but-curious server observes, and the
+ground truth that only the scorer sees.
+
+An attack is a function of an :class:`Observation` alone. :class:`GroundTruth` is a
+separate type that never appears in an attack's signature; ``adversary.registry``
+checks this for every registered attack (and a test enforces it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedsim.domain import DataDomain
+from fedsim.scenario import DefenseSpec, ModelSpec, TrainingSpec
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One client update as the server received it, plus what the server knows publicly.
+
+    ``global_state`` and ``update`` are full state dicts (parameters *and* buffers, CPU
+    tensors, same keys); ``update`` is Δ = θ' − θ_t as received (after the defense).
+    ``training`` is the round's public local-training config, ``lr`` already set to this
+    round's learning rate. ``num_examples`` is what the client reported (None if not).
+    ``defense`` is set only when the scenario says the attacker knows it; ``labels`` only
+    when the scenario grants true labels (ablation).
+    """
+
+    server_round: int
+    client_id: int
+    model: ModelSpec
+    domain: DataDomain
+    global_state: dict[str, torch.Tensor]
+    update: dict[str, torch.Tensor]
+    training: TrainingSpec
+    num_examples: int | None
+    num_steps: int
+    defense: DefenseSpec | None = None
+    labels: torch.Tensor | None = None
+
+    @property
+    def num_distinct_examples(self) -> int:
+        """Distinct local examples the update was computed from (what attacks reconstruct)."""
+        touched = self.num_steps * self.training.batch_size
+        return touched if self.num_examples is None else min(self.num_examples, touched)
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Evaluation-only: the client's distinct training examples and the batch order.
+
+    ``inputs`` (N, C, H, W) normalised, ``labels`` (N,) int64, ``batches`` one tuple of
+    indices into ``inputs`` per local optimizer step, in order.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    batches: tuple[tuple[int, ...], ...]
+
+
+@dataclass
+class Reconstruction:
+    """What an attack returns: ``inputs`` (M, C, H, W) in normalised space, ``labels`` (M,)
+    or None, the iterations spent, the final objective, and attack-specific extras
+    (JSON-serialisable scalars, e.g. SPEAR's estimated batch size)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+    iterations: int
+    objective: float
+    extras: dict
