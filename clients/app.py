@@ -1,0 +1,93 @@
+"""The Flower ClientApp: local training, then the defense, then upload.
+
+The server dictates everything in the train message's config: the scenario (TOML text),
+the round's learning rate. A client's identity is its ``partition-id``; its private data
+is the partition of the scenario's training pool with that id.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.training import train_locally
+from defenses.registry import build_defense
+from fedsim.data import DatasetSplits, load_data, partition_indices
+from fedsim.models import build_model
+from fedsim.records import GROUND_TRUTH_KEY, from_record, pack_batches, to_record
+from fedsim.scenario import Scenario, parse_scenario
+from fedsim.seeding import generator
+
+app = ClientApp()
+
+
+class InjectedClientFailure(RuntimeError):
+    """Raised by clients listed in ``federation.failing_clients`` (fault-injection)."""
+
+
+@functools.lru_cache(maxsize=2)
+def scenario_from_text(text: str) -> Scenario:
+    import tomllib
+
+    return parse_scenario(tomllib.loads(text), "<server config>")
+
+
+@functools.lru_cache(maxsize=2)
+def client_partitions(text: str) -> tuple[DatasetSplits, list[torch.Tensor]]:
+    """The scenario's data and one index tensor per client, cached per process."""
+    scenario = scenario_from_text(text)
+    splits = load_data(scenario.data, scenario.seed)
+    parts = partition_indices(splits.train_y, scenario.federation.num_clients, scenario.data.examples_per_client,
+                              scenario.data.partition, scenario.data.dirichlet_alpha, scenario.seed)
+    return splits, parts
+
+
+def client_id_of(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which client (partition) this node is."""
+    return Message(RecordDict({"identity": MetricRecord({"client-id": client_id_of(context)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config: ConfigRecord = msg.content["config"]
+    text = str(config["scenario"])
+    scenario = scenario_from_text(text)
+    client_id = client_id_of(context)
+    server_round = int(config["server-round"])
+    if client_id in scenario.federation.failing_clients:
+        raise InjectedClientFailure(f"client {client_id} fails by scenario (federation.failing_clients)")
+
+    splits, parts = client_partitions(text)
+    index = parts[client_id]
+    inputs, labels = splits.train_x[index], splits.train_y[index]
+    model = build_model(scenario.model, splits.domain.shape, splits.domain.num_classes)
+    model.load_state_dict(from_record(msg.content["arrays"]))
+
+    rng = generator(scenario.seed, "client", server_round, client_id)
+    defense = build_defense(scenario.defense, rng)
+    result = train_locally(model, inputs, labels, scenario.training, float(config["lr"]), rng, defense)
+
+    global_state = from_record(msg.content["arrays"])
+    new_state = {k: global_state[k] + result.update[k] for k in global_state}
+    used = sorted({i for b in result.batches for i in b})
+    position = {i: p for p, i in enumerate(used)}
+    truth = {
+        "inputs": inputs[used],
+        "labels": labels[used],
+        "batches": pack_batches([tuple(position[i] for i in b) for b in result.batches]),
+    }
+    metrics = MetricRecord({
+        "num-examples": len(index),
+        "steps": len(result.batches),
+        "train-loss": result.mean_loss,
+    })
+    content = RecordDict({"arrays": to_record(new_state), "metrics": metrics,
+                          GROUND_TRUTH_KEY: to_record(truth)})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,91 @@
+"""The ``fedsim`` command line.
+
+``fedsim run SCENARIO [--out DIR]``     run the federation (and its attack plan)
+``fedsim validate SCENARIO``            check a scenario file and exit
+Bad input exits with status 2 and one line naming the file and the key.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedsim.config import ScenarioError
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, no traceback."""
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _fmt(value: object, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def rounds_table(records: list[dict]) -> str:
+    rows = [[r["round"], _fmt(r["test_accuracy"]), _fmt(r["test_loss"]), _fmt(r["train_loss"]),
+             len(r["clients"]), len(r["failures"]), _fmt(r["seconds"], ".1f")] for r in records]
+    return _table(rows, ["round", "test_acc", "test_loss", "train_loss", "clients", "failed", "seconds"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.rundir import ROUNDS
+    from fedsim.simulation import run_scenario
+
+    setup = run_scenario(args.scenario, args.out, args.ray_address, show_progress=not args.quiet,
+                         verbose=args.verbose)
+    records = setup.run_dir.read(ROUNDS)
+    print(f"\nScenario {setup.scenario.name} ({setup.scenario.source}) -> {setup.run_dir.path}")
+    print(rounds_table(records))
+    if len(records) != setup.scenario.federation.rounds:
+        print(f"fedsim: error: only {len(records)} of {setup.scenario.federation.rounds} rounds completed",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from server.setup import validate_scenario
+
+    scenario = validate_scenario(args.scenario)
+    print(f"{args.scenario}: ok ({scenario.name})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="show Flower/Ray logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a scenario")
+    run.add_argument("scenario", type=Path)
+    run.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIMESTAMP)")
+    run.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check a scenario file")
+    val.add_argument("scenario", type=Path)
+    val.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fedsim.data import DataError
+
+    try:
+        return args.func(args)
+    except (ScenarioError, UserError, DataError) as exc:
+        print(f"fedsim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedsim: interrupted; records written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Preparing a run: validate the whole scenario (including the defense and attack tables,
+via their registries) before anything starts, create the run directory, pick the device
+and the attack sink."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+import torch
+
+from adversary.registry import resolve_attack_params
+from defenses.registry import resolve_defense_params
+from fedsim.data import DatasetSplits, load_data
+from fedsim.rundir import RunDirectory
+from fedsim.scenario import Scenario, load_scenario, scenario_to_table
+from server.strategy import AttackSink, RecordingSink
+
+
+@dataclass
+class ServerSetup:
+    """Everything the server needs for one run."""
+
+    scenario: Scenario
+    scenario_text: str  # resolved scenario as TOML, sent to clients each round
+    run_dir: RunDirectory
+    sink: AttackSink
+    device: torch.device
+    splits: DatasetSplits
+    show_progress: bool = True
+    verbose: bool = False  # Flower/Ray INFO logs
+
+
+def validate_scenario(path: str | Path) -> Scenario:
+    """Load ``path`` and check every table, registries included; raises ScenarioError."""
+    scenario = load_scenario(path)
+    resolve_defense_params(scenario.defense, scenario.source)
+    resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
+    return scenario
+
+
+def pick_device(scenario: Scenario) -> torch.device:
+    if scenario.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{scenario.source}: key 'device': 'cuda' requested but CUDA is not available")
+    if scenario.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(scenario.device)
+
+
+def default_run_dir(scenario: Scenario) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{scenario.name}-{stamp}"
+
+
+def make_sink(scenario: Scenario, run_dir: RunDirectory, ray_address: str | None) -> AttackSink:
+    if not scenario.attack.attacks:
+        return RecordingSink()
+    from adversary.workers import InversionPool
+
+    return InversionPool(scenario, run_dir, ray_address=ray_address)
+
+
+def prepare_server_setup(scenario_path: str | Path, out: str | Path | None = None, ray_address: str | None = None,
+                         show_progress: bool = True, scenario: Scenario | None = None) -> ServerSetup:
+    scenario = scenario or validate_scenario(scenario_path)
+    device = pick_device(scenario)
+    splits = load_data(scenario.data, scenario.seed)  # fails here, before any round, if data is missing
+    run_dir = RunDirectory(out or default_run_dir(scenario))
+    run_dir.write_setup(scenario, str(device))
+    text = tomli_w.dumps(scenario_to_table(scenario))
+    return ServerSetup(scenario, text, run_dir, make_sink(scenario, run_dir, ray_address), device, splits,
+                       show_progress)

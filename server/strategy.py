@@ -1,0 +1,138 @@
+"""The honest-but-curious strategy: FedAvg exactly, plus a tap on every update.
+
+Each round it samples clients deterministically from the scenario seed, sends θ_t and
+the public round config, aggregates the replies as FedAvg (in client-id order, so runs
+are bit-reproducible), and turns every reply into an :class:`Observation` (what the
+server saw) plus a :class:`GroundTruth` (the evaluation-only channel) for the attack sink.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Protocol
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from adversary.observation import GroundTruth, Observation
+from fedsim.domain import DataDomain
+from fedsim.records import GROUND_TRUTH_KEY, from_record, unpack_batches
+from fedsim.scenario import Scenario
+from fedsim.seeding import derive_seed
+
+
+class AttackSink(Protocol):
+    """Where tapped updates go (the inversion pool, or a recorder in tests)."""
+
+    def submit(self, observation: Observation, truth: GroundTruth) -> None: ...
+
+
+@dataclass
+class RecordingSink:
+    """Keeps every tapped (observation, ground truth) pair; the sink when no attack is planned."""
+
+    taps: list[tuple[Observation, GroundTruth]] = field(default_factory=list)
+
+    def submit(self, observation: Observation, truth: GroundTruth) -> None:
+        self.taps.append((observation, truth))
+
+
+@dataclass
+class RoundTrace:
+    """What the strategy saw in one round (for rounds.jsonl)."""
+
+    clients: list[int] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    train_loss: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class CuriousFedAvg(FedAvg):
+    def __init__(self, scenario: Scenario, scenario_text: str, domain: DataDomain, sink: AttackSink):
+        fed = scenario.federation
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=fed.clients_per_round,
+                         min_available_nodes=fed.num_clients)
+        self.scenario = scenario
+        self.scenario_text = scenario_text
+        self.domain = domain
+        self.sink = sink
+        self.node_to_client: dict[int, int] = {}
+        self.global_states: dict[int, dict[str, torch.Tensor]] = {}
+        self.traces: dict[int, RoundTrace] = {}
+
+    # -- sampling ---------------------------------------------------------------------
+    def identify_clients(self, grid: Grid) -> None:
+        """Ask every node for its client id (partition) once."""
+        nodes = sorted(grid.get_node_ids())
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        for reply in grid.send_and_receive(queries, timeout=600):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} did not identify: {reply.error.reason}")
+            self.node_to_client[reply.metadata.src_node_id] = int(reply.content["identity"]["client-id"])
+
+    def sample_clients(self, server_round: int) -> list[int]:
+        fed = self.scenario.federation
+        rng = np.random.default_rng(derive_seed(self.scenario.seed, "sample", server_round))
+        return sorted(int(c) for c in rng.choice(fed.num_clients, fed.clients_per_round, replace=False))
+
+    def round_lr(self, server_round: int) -> float:
+        return self.scenario.training.lr_at(server_round, self.scenario.federation.rounds)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if not self.node_to_client:
+            self.identify_clients(grid)
+        clients = self.sample_clients(server_round)
+        self.traces[server_round] = RoundTrace(clients=clients)
+        self.global_states[server_round] = from_record(arrays)
+        config = ConfigRecord({"scenario": self.scenario_text, "lr": self.round_lr(server_round),
+                               "server-round": server_round})
+        client_to_node = {c: n for n, c in self.node_to_client.items()}
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, [client_to_node[c] for c in clients], MessageType.TRAIN)
+
+    # -- aggregation and the tap ------------------------------------------------------
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        trace = self.traces[server_round]
+        ok: list[tuple[int, Message]] = []
+        for msg in replies:
+            client = self.node_to_client.get(msg.metadata.src_node_id, -1)
+            if msg.has_error():
+                trace.failures.append({"client": client, "error": msg.error.reason})
+            else:
+                ok.append((client, msg))
+        ok.sort(key=lambda pair: pair[0])
+        for client, msg in ok:
+            truth_record = msg.content.pop(GROUND_TRUTH_KEY)
+            self.tap(server_round, client, msg, truth_record)
+        arrays, metrics = super().aggregate_train(server_round, [m for _, m in ok])
+        if metrics is not None:
+            trace.train_loss = float(metrics["train-loss"])
+        self.global_states.pop(server_round, None)
+        return arrays, metrics
+
+    def tap(self, server_round: int, client: int, msg: Message, truth_record: ArrayRecord) -> None:
+        plan = self.scenario.attack
+        theta = self.global_states[server_round]
+        received = from_record(msg.content[self.arrayrecord_key])
+        metrics = msg.content["metrics"]
+        truth = from_record(truth_record)
+        ground_truth = GroundTruth(truth["inputs"], truth["labels"], unpack_batches(truth["batches"]))
+        observation = Observation(
+            server_round=server_round,
+            client_id=client,
+            model=self.scenario.model,
+            domain=self.domain,
+            global_state=theta,
+            update={k: received[k] - theta[k] for k in theta},
+            training=replace(self.scenario.training, lr=self.round_lr(server_round)),
+            num_examples=int(metrics["num-examples"]),
+            num_steps=int(metrics["steps"]),
+            defense=self.scenario.defense if plan.knows_defense else None,
+            labels=ground_truth.labels if plan.grant_labels else None,
+        )
+        self.sink.submit(observation, ground_truth)
