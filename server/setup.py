@@ -12,7 +12,8 @@ import torch
 
 from adversary.registry import resolve_attack_params
 from defenses.registry import resolve_defense_params
-from fedsim.data import DatasetSplits, load_data
+from fedsim.config import ScenarioError
+from fedsim.data import DatasetSplits, load_data, partition_indices
 from fedsim.rundir import RunDirectory
 from fedsim.scenario import Scenario, load_scenario, scenario_to_table
 from server.strategy import AttackSink, RecordingSink
@@ -38,6 +39,15 @@ def validate_scenario(path: str | Path) -> Scenario:
     resolve_defense_params(scenario.defense, scenario.source)
     resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
     return scenario
+
+
+def check_partition(scenario: Scenario, splits: DatasetSplits) -> None:
+    """Fail before the run if the data set cannot give every client its examples."""
+    try:
+        partition_indices(splits.train_y, scenario.federation.num_clients, scenario.data.examples_per_client,
+                          scenario.data.partition, scenario.data.dirichlet_alpha, scenario.seed)
+    except ValueError as exc:
+        raise ScenarioError(scenario.source, "data.examples_per_client", str(exc)) from None
 
 
 def pick_device(scenario: Scenario) -> torch.device:
@@ -66,6 +76,7 @@ def prepare_server_setup(scenario_path: str | Path, out: str | Path | None = Non
     scenario = scenario or validate_scenario(scenario_path)
     device = pick_device(scenario)
     splits = load_data(scenario.data, scenario.seed)  # fails here, before any round, if data is missing
+    check_partition(scenario, splits)
     run_dir = RunDirectory(out or default_run_dir(scenario))
     run_dir.write_setup(scenario, str(device))
     text = tomli_w.dumps(scenario_to_table(scenario))

@@ -7,6 +7,7 @@ server saw) plus a :class:`GroundTruth` (the evaluation-only channel) for the at
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Protocol
@@ -22,6 +23,17 @@ from fedsim.domain import DataDomain
 from fedsim.records import GROUND_TRUTH_KEY, from_record, unpack_batches
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
+
+
+def concise_error(reason: str) -> str:
+    """The client's own exception message out of Flower/Ray's wrapped reason (which carries
+    process ids and a traceback), so failure records are short and reproducible."""
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    found = re.findall(r"Message: (.+)", reason)
+    if found:
+        return found[-1].strip().rstrip("'>\"")
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[-1] if lines else reason
 
 
 class AttackSink(Protocol):
@@ -65,13 +77,21 @@ class CuriousFedAvg(FedAvg):
 
     # -- sampling ---------------------------------------------------------------------
     def identify_clients(self, grid: Grid) -> None:
-        """Ask every node for its client id (partition) once."""
-        nodes = sorted(grid.get_node_ids())
+        """Wait for every node, then ask each for its client id (partition) once."""
+        expected = self.scenario.federation.num_clients
+        deadline = time.monotonic() + 600
+        while len(nodes := sorted(grid.get_node_ids())) < expected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {expected} client nodes connected")
+            time.sleep(0.2)
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         for reply in grid.send_and_receive(queries, timeout=600):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} did not identify: {reply.error.reason}")
             self.node_to_client[reply.metadata.src_node_id] = int(reply.content["identity"]["client-id"])
+        missing = set(range(expected)) - set(self.node_to_client.values())
+        if missing:
+            raise RuntimeError(f"clients {sorted(missing)} did not answer the identity query")
 
     def sample_clients(self, server_round: int) -> list[int]:
         fed = self.scenario.federation
@@ -102,7 +122,7 @@ class CuriousFedAvg(FedAvg):
         for msg in replies:
             client = self.node_to_client.get(msg.metadata.src_node_id, -1)
             if msg.has_error():
-                trace.failures.append({"client": client, "error": msg.error.reason})
+                trace.failures.append({"client": client, "error": concise_error(msg.error.reason)})
             else:
                 ok.append((client, msg))
         ok.sort(key=lambda pair: pair[0])
