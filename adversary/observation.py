@@ -7,12 +7,12 @@ checks this for every registered attack (and a test enforces it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from fedsim.domain import DataDomain
-from fedsim.scenario import DefenseSpec, ModelSpec, TrainingSpec
+from fedsim.scenario import DefenseSpec, ModelSpec, Scenario, TrainingSpec
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,24 @@ class Reconstruction:
     iterations: int
     objective: float
     extras: dict
+
+
+def observe(scenario: Scenario, domain: DataDomain, server_round: int, client_id: int,
+            global_state: dict[str, torch.Tensor], update: dict[str, torch.Tensor], num_examples: int | None,
+            num_steps: int, truth: GroundTruth) -> Observation:
+    """What the server is entitled to see of one update under ``scenario``'s threat model:
+    the defense only if ``attack.knows_defense``, true labels only if ``attack.grant_labels``."""
+    plan = scenario.attack
+    return Observation(
+        server_round=server_round,
+        client_id=client_id,
+        model=scenario.model,
+        domain=domain,
+        global_state=global_state,
+        update=update,
+        training=replace(scenario.training, lr=scenario.training.lr_at(server_round, scenario.federation.rounds)),
+        num_examples=num_examples,
+        num_steps=num_steps,
+        defense=scenario.defense if plan.knows_defense else None,
+        labels=truth.labels if plan.grant_labels else None,
+    )

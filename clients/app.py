@@ -18,6 +18,7 @@ from fedsim.data import DatasetSplits, load_data, partition_indices
 from fedsim.models import build_model
 from fedsim.records import GROUND_TRUTH_KEY, from_record, pack_batches, to_record
 from fedsim.scenario import Scenario, parse_scenario
+from fedsim.schedule import distinct_examples
 from fedsim.seeding import generator
 
 app = ClientApp()
@@ -76,13 +77,8 @@ def train(msg: Message, context: Context) -> Message:
 
     global_state = from_record(msg.content["arrays"])
     new_state = {k: global_state[k] + result.update[k] for k in global_state}
-    used = sorted({i for b in result.batches for i in b})
-    position = {i: p for p, i in enumerate(used)}
-    truth = {
-        "inputs": inputs[used],
-        "labels": labels[used],
-        "batches": pack_batches([tuple(position[i] for i in b) for b in result.batches]),
-    }
+    used, batches = distinct_examples(result.batches)
+    truth = {"inputs": inputs[used], "labels": labels[used], "batches": pack_batches(batches)}
     metrics = MetricRecord({
         "num-examples": len(index),
         "steps": len(result.batches),

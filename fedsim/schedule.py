@@ -29,3 +29,10 @@ def local_batches(n: int, batch_size: int, epochs: int, max_steps: int = 0,
                 return batches
             batches.append(tuple(order[start:start + batch_size]))
     return batches
+
+
+def distinct_examples(batches: list[tuple[int, ...]]) -> tuple[list[int], list[tuple[int, ...]]]:
+    """The sorted distinct indices the steps touched, and the batches re-indexed into that list."""
+    used = sorted({i for b in batches for i in b})
+    position = {i: p for p, i in enumerate(used)}
+    return used, [tuple(position[i] for i in b) for b in batches]

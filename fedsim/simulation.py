@@ -20,14 +20,15 @@ import ray  # noqa: E402
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
+from adversary.workers import INVERSION_SLOT  # noqa: E402
 from clients.app import app as client_app  # noqa: E402
 from server.app import serve  # noqa: E402
 from server.setup import ServerSetup, prepare_server_setup  # noqa: E402
 
 
-def start_ray(ray_address: str | None, extra_cpus: float) -> None:
-    """Join the cluster at ``ray_address`` or start a local Ray sized for the clients plus
-    ``extra_cpus`` logical CPUs for inversion workers."""
+def start_ray(ray_address: str | None, inversion_workers: int) -> None:
+    """Join the cluster at ``ray_address`` or start a local Ray with one CPU per core for
+    the client actors plus ``inversion_workers`` inversion slots (see adversary.workers)."""
     if ray.is_initialized():
         return
     pythonpath = os.pathsep.join(sys.path)
@@ -36,8 +37,8 @@ def start_ray(ray_address: str | None, extra_cpus: float) -> None:
     if ray_address:
         ray.init(address=ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=int((os.cpu_count() or 1) + extra_cpus + 0.999), include_dashboard=False,
-                 runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count() or 1, resources={INVERSION_SLOT: inversion_workers},
+                 include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
 
 
 def _drop_expected_flower_warnings(record: logging.LogRecord) -> bool:
@@ -76,7 +77,7 @@ def run_scenario(scenario_path: str | Path, out: str | Path | None = None, ray_a
 
     scenario = validate_scenario(scenario_path)
     plan = scenario.attack
-    start_ray(ray_address, plan.pool_size * plan.worker_cpus if plan.attacks else 0.0)
+    start_ray(ray_address, plan.pool_size if plan.attacks else 0)
     setup = prepare_server_setup(scenario_path, out, ray_address, show_progress, scenario=scenario)
     setup.verbose = verbose
     try:

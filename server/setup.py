@@ -63,16 +63,19 @@ def default_run_dir(scenario: Scenario) -> Path:
     return Path("runs") / f"{scenario.name}-{stamp}"
 
 
-def make_sink(scenario: Scenario, run_dir: RunDirectory, ray_address: str | None) -> AttackSink:
+def make_sink(scenario: Scenario, run_dir: RunDirectory, ray_address: str | None,
+              show_progress: bool = True) -> AttackSink:
     if not scenario.attack.attacks:
         return RecordingSink()
     from adversary.workers import InversionPool
 
-    return InversionPool(scenario, run_dir, ray_address=ray_address)
+    return InversionPool(scenario, run_dir, ray_address=ray_address, show_progress=show_progress)
 
 
 def prepare_server_setup(scenario_path: str | Path, out: str | Path | None = None, ray_address: str | None = None,
-                         show_progress: bool = True, scenario: Scenario | None = None) -> ServerSetup:
+                         show_progress: bool = True, scenario: Scenario | None = None,
+                         with_sink: bool = True) -> ServerSetup:
+    """Validate, load the data, create the run directory and (``with_sink``) the attack sink."""
     scenario = scenario or validate_scenario(scenario_path)
     device = pick_device(scenario)
     splits = load_data(scenario.data, scenario.seed)  # fails here, before any round, if data is missing
@@ -80,5 +83,5 @@ def prepare_server_setup(scenario_path: str | Path, out: str | Path | None = Non
     run_dir = RunDirectory(out or default_run_dir(scenario))
     run_dir.write_setup(scenario, str(device))
     text = tomli_w.dumps(scenario_to_table(scenario))
-    return ServerSetup(scenario, text, run_dir, make_sink(scenario, run_dir, ray_address), device, splits,
-                       show_progress)
+    sink = make_sink(scenario, run_dir, ray_address, show_progress) if with_sink else RecordingSink()
+    return ServerSetup(scenario, text, run_dir, sink, device, splits, show_progress)

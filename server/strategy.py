@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
 import numpy as np
@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from adversary.observation import GroundTruth, Observation
+from adversary.observation import GroundTruth, Observation, observe
 from fedsim.domain import DataDomain
 from fedsim.records import GROUND_TRUTH_KEY, from_record, unpack_batches
 from fedsim.scenario import Scenario
@@ -98,9 +98,6 @@ class CuriousFedAvg(FedAvg):
         rng = np.random.default_rng(derive_seed(self.scenario.seed, "sample", server_round))
         return sorted(int(c) for c in rng.choice(fed.num_clients, fed.clients_per_round, replace=False))
 
-    def round_lr(self, server_round: int) -> float:
-        return self.scenario.training.lr_at(server_round, self.scenario.federation.rounds)
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if not self.node_to_client:
@@ -108,7 +105,7 @@ class CuriousFedAvg(FedAvg):
         clients = self.sample_clients(server_round)
         self.traces[server_round] = RoundTrace(clients=clients)
         self.global_states[server_round] = from_record(arrays)
-        config = ConfigRecord({"scenario": self.scenario_text, "lr": self.round_lr(server_round),
+        config = ConfigRecord({"scenario": self.scenario_text, "lr": self.scenario.training.lr_at(server_round, self.scenario.federation.rounds),
                                "server-round": server_round})
         client_to_node = {c: n for n, c in self.node_to_client.items()}
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -136,23 +133,12 @@ class CuriousFedAvg(FedAvg):
         return arrays, metrics
 
     def tap(self, server_round: int, client: int, msg: Message, truth_record: ArrayRecord) -> None:
-        plan = self.scenario.attack
         theta = self.global_states[server_round]
         received = from_record(msg.content[self.arrayrecord_key])
         metrics = msg.content["metrics"]
         truth = from_record(truth_record)
         ground_truth = GroundTruth(truth["inputs"], truth["labels"], unpack_batches(truth["batches"]))
-        observation = Observation(
-            server_round=server_round,
-            client_id=client,
-            model=self.scenario.model,
-            domain=self.domain,
-            global_state=theta,
-            update={k: received[k] - theta[k] for k in theta},
-            training=replace(self.scenario.training, lr=self.round_lr(server_round)),
-            num_examples=int(metrics["num-examples"]),
-            num_steps=int(metrics["steps"]),
-            defense=self.scenario.defense if plan.knows_defense else None,
-            labels=ground_truth.labels if plan.grant_labels else None,
-        )
+        observation = observe(self.scenario, self.domain, server_round, client, theta,
+                              {k: received[k] - theta[k] for k in theta}, int(metrics["num-examples"]),
+                              int(metrics["steps"]), ground_truth)
         self.sink.submit(observation, ground_truth)

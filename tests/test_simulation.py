@@ -42,7 +42,7 @@ weight_decay = 5e-4
 def _run(tmp_path: Path, name: str):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
-    start_ray(None, 0.0)
+    start_ray(None, 0)
     setup = prepare_server_setup(path, tmp_path / name, show_progress=False)
     setup.sink = RecordingSink()
     try:

@@ -1,0 +1,138 @@
+"""One attack job, start to finish: run the attack on the observation, then score its
+reconstruction against the ground truth. Shared by the Ray workers and the in-process
+single-shot mode (``fedsim attack``)."""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from adversary.images import save_comparison_grid
+from adversary.metrics import LpipsScorer, score_reconstruction
+from adversary.observation import GroundTruth, Observation
+from adversary.registry import AttackContext, get_attack
+from fedsim.rundir import LEAKAGE, RECONSTRUCTIONS, RunDirectory
+from fedsim.scenario import Scenario
+from fedsim.seeding import derive_seed
+
+
+@dataclass
+class AttackJob:
+    """An attack to run on one tapped update. ``truth`` is used for scoring only."""
+
+    job_id: int
+    attack: str
+    params: Any  # the attack's frozen params dataclass
+    observation: Observation
+    truth: GroundTruth
+    defense: str
+    recovered_psnr: float
+    timeout_s: float
+    seed: int
+
+
+@dataclass
+class LeakageRecord:
+    """One line of ``leakage.jsonl``. ``status`` is "ok", "failed" or "timeout"."""
+
+    round: int
+    client: int
+    attack: str
+    defense: str
+    status: str
+    error: str | None = None
+    psnr_mean: float | None = None
+    psnr_best: float | None = None
+    ssim_mean: float | None = None
+    ssim_best: float | None = None
+    lpips_mean: float | None = None
+    lpips_best: float | None = None
+    label_acc: float | None = None
+    recovered_share: float | None = None
+    num_images: int | None = None
+    iterations: int | None = None
+    objective: float | None = None
+    seconds: float | None = None
+    psnr: list = field(default_factory=list)
+    extras: dict = field(default_factory=dict)
+    image: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JobResult:
+    """A finished job: its record plus images in [0, 1] for the comparison grid
+    (ground truth and matched reconstruction, same order), None when it failed."""
+
+    record: LeakageRecord
+    truth_unit: torch.Tensor | None = None
+    recon_unit: torch.Tensor | None = None
+
+
+def plan_jobs(scenario: Scenario, params: dict[str, Any], observation: Observation, truth: GroundTruth,
+              first_id: int) -> list[AttackJob]:
+    """One job per attack in the scenario's plan for this tapped update (``params``: the
+    resolved params dataclass per attack name)."""
+    plan = scenario.attack
+    return [AttackJob(first_id + i, name, params[name], observation, truth, scenario.defense.name,
+                      plan.recovered_psnr, plan.timeout_s,
+                      derive_seed(scenario.seed, "attack", name, observation.server_round, observation.client_id))
+            for i, name in enumerate(plan.attacks)]
+
+
+def failed_record(job: AttackJob, status: str, error: str, seconds: float | None = None) -> LeakageRecord:
+    obs = job.observation
+    return LeakageRecord(obs.server_round, obs.client_id, job.attack, job.defense, status, error=error,
+                         seconds=seconds)
+
+
+def _finite(value: float) -> float | None:
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def run_job(job: AttackJob, device: torch.device, lpips: LpipsScorer | None,
+            progress: Callable[[int, int, float], None] | None = None) -> JobResult:
+    """Run ``job`` within its timeout; never raises (a crash becomes a failed record)."""
+    started = time.monotonic()
+    obs = job.observation
+    ctx = AttackContext(device=device, seed=job.seed, deadline=started + job.timeout_s, progress=progress)
+    try:
+        torch.manual_seed(job.seed)
+        recon = get_attack(job.attack).run(obs, job.params, ctx)
+        seconds = time.monotonic() - started
+        domain = obs.domain
+        truth_unit = domain.to_unit(job.truth.inputs.float().cpu())
+        recon_unit = domain.to_unit(recon.inputs.detach().float().cpu())
+        scores = score_reconstruction(recon_unit, truth_unit, recon.labels, job.truth.labels,
+                                      job.recovered_psnr, lpips)
+        record = LeakageRecord(
+            obs.server_round, obs.client_id, job.attack, job.defense, "ok",
+            psnr_mean=scores.psnr_mean, psnr_best=scores.psnr_best, ssim_mean=scores.ssim_mean,
+            ssim_best=scores.ssim_best, lpips_mean=scores.lpips_mean, lpips_best=scores.lpips_best,
+            label_acc=scores.label_acc, recovered_share=scores.recovered_share, num_images=scores.num_images,
+            iterations=recon.iterations, objective=_finite(float(recon.objective)), seconds=round(seconds, 3),
+            psnr=scores.psnr, extras=dict(recon.extras))
+        matched = torch.stack([recon_unit[m] if m is not None else torch.zeros_like(truth_unit[0])
+                               for m in scores.matching]) if len(truth_unit) else recon_unit
+        return JobResult(record, truth_unit, matched)
+    except Exception as exc:  # noqa: BLE001 - a failed attack is a result, not a crash
+        detail = f"{type(exc).__name__}: {exc}"
+        trace = traceback.format_exc(limit=3)
+        return JobResult(failed_record(job, "failed", f"{detail}\n{trace}", round(time.monotonic() - started, 3)))
+
+
+def store_result(run_dir: RunDirectory, result: JobResult) -> dict[str, Any]:
+    """Append the record to ``leakage.jsonl`` and save its comparison grid; returns the record."""
+    record = result.record
+    if result.truth_unit is not None and result.recon_unit is not None:
+        name = f"r{record.round:03d}_c{record.client:03d}_{record.attack}.png"
+        save_comparison_grid(run_dir.reconstructions / name, result.truth_unit, result.recon_unit)
+        record.image = f"{RECONSTRUCTIONS}/{name}"
+    data = record.to_dict()
+    run_dir.append(LEAKAGE, data)
+    return data

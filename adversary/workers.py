@@ -1,0 +1,245 @@
+"""The Ray inversion pool: attacks run asynchronously on Ray actors while FL continues.
+
+``InversionPool.submit(observation, truth)`` turns a tapped update into one job per
+planned attack (if the plan selects that round and client) and hands it to an idle actor
+(``num_gpus=1`` when CUDA is available, ``num_cpus=attack.worker_cpus`` otherwise). A
+collector thread streams finished jobs to ``leakage.jsonl`` (one flushed line each) and
+their image grids to ``reconstructions/``. A job past its timeout gets its actor killed
+and replaced and a "timeout" record; an actor that dies yields a "failed" record; nothing
+else is lost. Progress (iteration, objective) flows back through a Ray queue to one
+progress bar per running job.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+from ray.util.queue import Empty, Queue
+from tqdm import tqdm
+
+from adversary.execution import AttackJob, JobResult, failed_record, plan_jobs, run_job, store_result
+from adversary.observation import GroundTruth, Observation
+from adversary.registry import resolve_attack_params
+from fedsim.rundir import RunDirectory
+from fedsim.scenario import AttackPlan, Scenario
+
+#: extra seconds past a job's own deadline before its actor is killed
+HARD_TIMEOUT_GRACE_S = 30.0
+#: custom Ray resource that reserves inversion workers apart from the CPUs Flower sizes
+#: its client-actor pool by (Flower counts *total* CPUs; workers holding CPUs would leave
+#: a client actor unschedulable and the federation stuck)
+INVERSION_SLOT = "inversion_slot"
+
+
+def plan_selects(plan: AttackPlan, server_round: int, client_id: int) -> bool:
+    """Whether the attack plan targets this round and client (empty lists mean all)."""
+    return ((not plan.rounds or server_round in plan.rounds)
+            and (not plan.clients or client_id in plan.clients))
+
+
+@ray.remote
+class InversionWorker:
+    """A Ray actor that runs attack jobs one at a time."""
+
+    def __init__(self, progress: Queue | None):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.progress = progress
+        self.lpips = None
+
+    def ready(self) -> str:
+        return str(self.device)
+
+    def run(self, job: AttackJob) -> JobResult:
+        from adversary.metrics import LpipsScorer
+
+        if self.lpips is None:
+            self.lpips = LpipsScorer(device=self.device)
+        last = [0.0]
+
+        def report(iteration: int, total: int, objective: float) -> None:
+            now = time.monotonic()
+            if self.progress is not None and (now - last[0] > 0.5 or iteration >= total):
+                last[0] = now
+                try:
+                    self.progress.put_nowait((job.job_id, iteration, total, objective))
+                except Exception:  # noqa: BLE001 - a full queue only drops a progress tick
+                    pass
+
+        return run_job(job, self.device, self.lpips, report)
+
+
+@dataclass
+class _Running:
+    job: AttackJob
+    actor: Any
+    future: Any
+    hard_deadline: float
+    bar: tqdm | None
+
+
+class InversionPool:
+    """Asynchronous attack execution for one run (see module docstring)."""
+
+    def __init__(self, scenario: Scenario, run_dir: RunDirectory, ray_address: str | None = None,
+                 show_progress: bool = True):
+        self.scenario = scenario
+        self.plan = scenario.attack
+        self.params = resolve_attack_params(self.plan.attacks, self.plan.params, scenario.source)
+        self.run_dir = run_dir
+        self.show_progress = show_progress
+        if not ray.is_initialized():
+            if ray_address:
+                ray.init(address=ray_address, logging_level="WARNING")
+            else:
+                ray.init(include_dashboard=False, logging_level="WARNING",
+                         resources={INVERSION_SLOT: self.plan.pool_size})
+        self.use_gpu = torch.cuda.is_available()
+        self.progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        self.idle = [self._new_actor() for _ in range(self.plan.pool_size)]
+        ray.get([a.ready.remote() for a in self.idle])
+        self.queue: deque[AttackJob] = deque()
+        self.running: dict[Any, _Running] = {}
+        self.next_id = 0
+        self.records: list[dict] = []
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self.collector = threading.Thread(target=self._collect_loop, name="inversion-collector", daemon=True)
+        self.collector.start()
+
+    def _new_actor(self) -> Any:
+        if self.use_gpu:
+            options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0}
+        elif ray.cluster_resources().get(INVERSION_SLOT, 0) >= 1:
+            options = {"num_cpus": 0, "resources": {INVERSION_SLOT: 1}}
+        else:  # a cluster started without slots: reserve real CPUs
+            options = {"num_cpus": self.plan.worker_cpus}
+        env = {"OMP_NUM_THREADS": str(max(1, int(self.plan.worker_cpus)))}
+        return InversionWorker.options(**options, runtime_env={"env_vars": env}).remote(self.progress)
+
+    # -- submission -------------------------------------------------------------------
+    def submit(self, observation: Observation, truth: GroundTruth) -> None:
+        if not plan_selects(self.plan, observation.server_round, observation.client_id):
+            return
+        with self.lock:
+            jobs = plan_jobs(self.scenario, self.params, observation, truth, self.next_id)
+            self.next_id += len(jobs)
+            self.queue.extend(jobs)
+            self._dispatch()
+        if self.plan.wait:
+            self._wait_for({job.job_id for job in jobs})
+
+    def _dispatch(self) -> None:
+        """Start queued jobs on idle actors (caller holds the lock)."""
+        while self.queue and self.idle:
+            job = self.queue.popleft()
+            actor = self.idle.pop()
+            bar = None
+            if self.show_progress:
+                bar = tqdm(total=1, desc=f"{job.attack} r{job.observation.server_round} c{job.observation.client_id}",
+                           unit="it", leave=False, position=1 + len(self.running))
+            future = actor.run.remote(job)
+            deadline = time.monotonic() + job.timeout_s + HARD_TIMEOUT_GRACE_S
+            self.running[future] = _Running(job, actor, future, deadline, bar)
+
+    # -- collection -------------------------------------------------------------------
+    def _collect_loop(self) -> None:
+        while not (self.closing.is_set() and not self.pending()):
+            self._drain_progress()
+            with self.lock:
+                futures = list(self.running)
+            if not futures:
+                time.sleep(0.2)
+                continue
+            done, _ = ray.wait(futures, num_returns=1, timeout=0.5)
+            for future in done:
+                self._finish(future)
+            self._enforce_timeouts()
+
+    def _drain_progress(self) -> None:
+        bars = {r.job.job_id: r.bar for r in list(self.running.values()) if r.bar is not None}
+        while True:
+            try:
+                job_id, iteration, total, objective = self.progress.get_nowait()
+            except Empty:
+                return
+            bar = bars.get(job_id)
+            if bar is not None:
+                bar.total = total
+                bar.n = iteration
+                bar.set_postfix(objective=f"{objective:.4g}", refresh=True)
+
+    def _finish(self, future: Any) -> None:
+        with self.lock:
+            running = self.running.pop(future)
+        try:
+            result: JobResult = ray.get(future)
+            actor = running.actor
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            result = JobResult(failed_record(running.job, "failed", f"worker died: {type(exc).__name__}"))
+            actor = self._new_actor()
+        except ray.exceptions.RayError as exc:
+            result = JobResult(failed_record(running.job, "failed", f"{type(exc).__name__}: {exc}"))
+            actor = running.actor
+        self._write(result)
+        if running.bar is not None:
+            running.bar.close()
+        with self.lock:
+            self.idle.append(actor)
+            self._dispatch()
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            late = [r for r in self.running.values() if now > r.hard_deadline]
+            for r in late:
+                del self.running[r.future]
+        for r in late:
+            ray.kill(r.actor, no_restart=True)
+            self._write(JobResult(failed_record(r.job, "timeout", f"no result within {r.job.timeout_s:.0f} s "
+                                                f"(+{HARD_TIMEOUT_GRACE_S:.0f} s grace); worker killed")))
+            if r.bar is not None:
+                r.bar.close()
+            with self.lock:
+                self.idle.append(self._new_actor())
+                self._dispatch()
+
+    def _write(self, result: JobResult) -> None:
+        data = store_result(self.run_dir, result)
+        with self.lock:
+            self.records.append(data)
+
+    # -- waiting ----------------------------------------------------------------------
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.queue) + len(self.running)
+
+    def _wait_for(self, job_ids: set[int]) -> None:
+        while True:
+            with self.lock:
+                busy = {j.job_id for j in self.queue} | {r.job.job_id for r in self.running.values()}
+            if not job_ids & busy:
+                return
+            time.sleep(0.2)
+
+    def kill_worker_running(self, job_id: int) -> bool:
+        """Kill the actor running ``job_id`` (fault injection for tests and operators)."""
+        with self.lock:
+            for r in self.running.values():
+                if r.job.job_id == job_id:
+                    ray.kill(r.actor, no_restart=True)
+                    return True
+        return False
+
+    def close(self) -> None:
+        """Wait for every submitted job, then stop the collector and the actors."""
+        self.closing.set()
+        self.collector.join()
+        for actor in self.idle:
+            ray.kill(actor, no_restart=True)
+        self.idle.clear()
+        self.progress.shutdown()

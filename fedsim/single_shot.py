@@ -1,0 +1,72 @@
+"""Single-shot mode (``fedsim attack``): the breaching-style experiment. One client trains
+once on the initial global model (round 1, exactly as in a full run with the same seed),
+the server observes the update, every planned attack runs in this process, and the
+leakage table is printed. No Flower, no Ray."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from adversary.execution import plan_jobs, run_job, store_result
+from adversary.metrics import LpipsScorer
+from adversary.observation import GroundTruth, Observation, observe
+from adversary.registry import resolve_attack_params
+from clients.training import train_locally
+from defenses.registry import build_defense
+from fedsim.config import ScenarioError
+from fedsim.data import DatasetSplits, partition_indices
+from fedsim.models import state_to_tensors
+from fedsim.scenario import Scenario
+from fedsim.schedule import distinct_examples
+from fedsim.seeding import generator
+from server.app import initial_model
+from server.setup import ServerSetup, prepare_server_setup
+
+
+def observe_first_update(scenario: Scenario, splits: DatasetSplits, client: int) -> tuple[Observation, GroundTruth]:
+    """Client ``client`` trains once from the initial global model (round 1, with the same
+    seeds as a full run); returns what the server observes and the ground truth."""
+    server_round = 1
+    parts = partition_indices(splits.train_y, scenario.federation.num_clients, scenario.data.examples_per_client,
+                              scenario.data.partition, scenario.data.dirichlet_alpha, scenario.seed)
+    inputs, labels = splits.train_x[parts[client]], splits.train_y[parts[client]]
+    model = initial_model(scenario, splits.domain.shape, splits.domain.num_classes)
+    theta = state_to_tensors(model)
+    rng = generator(scenario.seed, "client", server_round, client)
+    result = train_locally(model, inputs, labels, scenario.training,
+                           scenario.training.lr_at(server_round, scenario.federation.rounds), rng,
+                           build_defense(scenario.defense, rng, scenario.source))
+    used, batches = distinct_examples(result.batches)
+    truth = GroundTruth(inputs[used], labels[used], tuple(batches))
+    observation = observe(scenario, splits.domain, server_round, client, theta, result.update, len(inputs),
+                          len(result.batches), truth)
+    return observation, truth
+
+
+def attack_once(scenario_path: str | Path, out: str | Path | None = None,
+                show_progress: bool = True) -> tuple[ServerSetup, list[dict]]:
+    """Run the plan's attacks on one update; returns the setup and the leakage records."""
+    setup = prepare_server_setup(scenario_path, out, show_progress=show_progress, with_sink=False)
+    scenario, splits = setup.scenario, setup.splits
+    plan = scenario.attack
+    if not plan.attacks:
+        raise ScenarioError(scenario.source, "attack.attacks", "is empty; name at least one attack to run")
+    client = plan.clients[0] if plan.clients else 0
+    observation, truth = observe_first_update(scenario, splits, client)
+
+    params = resolve_attack_params(plan.attacks, plan.params, scenario.source)
+    lpips = LpipsScorer(device=setup.device)
+    records = []
+    for job in plan_jobs(scenario, params, observation, truth, 0):
+        bar = tqdm(desc=f"{job.attack} r1 c{client}", unit="it", disable=not show_progress)
+
+        def progress(iteration: int, total: int, objective: float, bar: tqdm = bar) -> None:
+            bar.total = total
+            bar.n = iteration
+            bar.set_postfix(objective=f"{objective:.4g}", refresh=True)
+
+        outcome = run_job(job, setup.device, lpips, progress)
+        bar.close()
+        records.append(store_result(setup.run_dir, outcome))
+    return setup, records

@@ -1,0 +1,85 @@
+"""The Ray inversion pool: one leakage record per planned attack, images on disk, and a
+killed worker becomes a failed record without losing anything else."""
+import json
+import time
+
+import pytest
+import ray
+
+from adversary.workers import InversionPool
+from fedsim.cli import main
+from fedsim.rundir import LEAKAGE, RunDirectory
+from fedsim.single_shot import observe_first_update
+from fedsim.simulation import start_ray
+from server.setup import prepare_server_setup
+
+SCENARIO = """
+name = "pool"
+seed = 5
+[data]
+train_examples = 200
+test_examples = 100
+image_size = 16
+examples_per_client = 8
+[model]
+name = "convnet"
+width = 4
+[federation]
+num_clients = 4
+clients_per_round = 2
+rounds = 2
+[training]
+batch_size = 1
+max_steps = 1
+lr = 0.1
+[attack]
+attacks = ["geiping", "dlg"]
+rounds = [1]
+clients = []
+pool_size = 2
+[attack.geiping]
+iterations = {geiping_iterations}
+[attack.dlg]
+iterations = 5
+"""
+
+
+def test_run_with_attack_plan_writes_one_record_per_planned_attack(tmp_path):
+    path = tmp_path / "pool.toml"
+    path.write_text(SCENARIO.format(geiping_iterations=30))
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / LEAKAGE).read_text().splitlines()]
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    sampled = rounds[0]["clients"]
+    assert sorted((r["client"], r["attack"]) for r in records) == sorted(
+        (c, a) for c in sampled for a in ("dlg", "geiping"))
+    for r in records:
+        assert r["status"] == "ok" and r["round"] == 1 and r["num_images"] == 1
+        assert r["psnr_mean"] is not None and 0 < r["ssim_mean"] <= 1 and r["label_acc"] == 1.0
+        assert (tmp_path / "run" / r["image"]).stat().st_size > 0
+
+
+@pytest.fixture
+def ray_session():
+    start_ray(None, 2)
+    yield
+    ray.shutdown()
+
+
+def test_killed_worker_yields_failed_record_and_nothing_else_is_lost(tmp_path, ray_session):
+    path = tmp_path / "pool.toml"
+    path.write_text(SCENARIO.format(geiping_iterations=100000))
+    setup = prepare_server_setup(path, tmp_path / "run", show_progress=False)
+    pool: InversionPool = setup.sink
+    observation, truth = observe_first_update(setup.scenario, setup.splits, client=0)
+    pool.submit(observation, truth)  # geiping (long) and dlg (short)
+    deadline = time.monotonic() + 120
+    while not pool.kill_worker_running(job_id=0):
+        assert time.monotonic() < deadline, "geiping job never started"
+        time.sleep(0.2)
+    pool.close()
+    records = RunDirectory(tmp_path / "run").read(LEAKAGE)
+    by_attack = {r["attack"]: r for r in records}
+    assert set(by_attack) == {"geiping", "dlg"}
+    assert by_attack["geiping"]["status"] == "failed" and "worker died" in by_attack["geiping"]["error"]
+    assert by_attack["dlg"]["status"] == "ok"
