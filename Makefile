@@ -16,6 +16,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fedsim run scenarios/quickstart.toml --out runs/demo
+	$(VENV)/bin/fedsim run scenarios/quickstart_attack.toml --out runs/demo_attack
 
 test: $(STAMP)
 	$(PY) -m pytest -q
