@@ -1,0 +1,43 @@
+"""Attacks see what an honest-but-curious server sees, never the ground truth."""
+import dataclasses
+import typing
+
+import pytest
+import torch
+
+from adversary.observation import GroundTruth, Observation, observe
+from adversary.registry import ATTACKS, available_attacks, register_attack
+from fedsim.domain import DataDomain
+from fedsim.scenario import parse_scenario
+
+
+def test_every_registered_attack_is_a_function_of_the_observation_only():
+    names = available_attacks()
+    assert {"geiping", "dlg", "spear"} <= set(names)
+    for name in names:
+        hints = typing.get_type_hints(ATTACKS[name].run)
+        assert GroundTruth not in hints.values(), name
+        assert hints.get("obs") is Observation or Observation in hints.values(), name
+
+
+def test_registry_refuses_an_attack_that_takes_ground_truth():
+    def cheating(obs: Observation, params: object, truth: GroundTruth) -> None: ...
+
+    with pytest.raises(TypeError, match="GroundTruth"):
+        register_attack("cheating", object)(cheating)
+    assert "cheating" not in ATTACKS
+
+
+def test_observation_has_no_ground_truth_field():
+    for field in dataclasses.fields(Observation):
+        assert "GroundTruth" not in str(field.type)
+
+
+def test_labels_and_defense_only_when_the_scenario_grants_them():
+    domain = DataDomain((1, 2, 2), 2, (0.5,), (0.5,))
+    truth = GroundTruth(torch.zeros(1, 1, 2, 2), torch.tensor([1]), ((0,),))
+    args = (domain, 1, 0, {}, {}, 1, 1, truth)
+    hidden = observe(parse_scenario({}), *args)
+    assert hidden.labels is None and hidden.defense is None
+    granted = observe(parse_scenario({"attack": {"grant_labels": True, "knows_defense": True}}), *args)
+    assert torch.equal(granted.labels, truth.labels) and granted.defense.name == "none"
