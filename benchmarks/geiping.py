@@ -1,17 +1,17 @@
-"""Benchmark of Geiping et al.'s attack ("Inverting Gradients") on the FedSGD ConvNet scenario.
+"""Benchmark of Geiping et al.'s attack ("Inverting Gradients") from a scenario file.
 
-Scenario: untrained ``fedsim.models.ConvNet`` (width 32 by default), embedded photos (32x32,
-``fedsim.data``), one client step on one batch (FedSGD, Δ = −lr·∇L, BatchNorm in train mode as
-the client trains), labels *recovered* from the update (not granted). For every batch size b the
-attack reconstructs ceil(images / b) batches of b random training images; PSNR/SSIM are scored
-on [0, 1] images after optimal matching (``adversary.metrics``).
+Base scenario ``scenarios/geiping_fedsgd_b1.toml``: untrained ConvNet, FedSGD (one local
+step), embedded 32x32 photos, labels recovered from the update. For every batch size b the
+scenario is re-run with ``training.batch_size = data.examples_per_client = b`` and clients
+0, 1, ... attacked in turn (each holds different images) until ``--images`` images are
+scored. Then the multi-step comparison on the same base: 2 examples, batch 2, 5 local
+epochs (5 SGD steps), momentum 0.9, weight decay 5e-4 — the attack unrolling the local
+training vs the naive one (Δ treated as one gradient), on the same updates.
 
-Then the multi-step comparison: 2 examples, batch 2, 5 local epochs (5 SGD steps), momentum 0.9,
-weight decay 5e-4 — the attack unrolling the local training vs the naive one (Δ as one gradient).
+Everything goes through the code a run uses (``fedsim.single_shot.observe_first_update``:
+the real client training; ``adversary.execution.run_job``: attack + scoring).
 
-    python benchmarks/geiping.py --images 4 --batch-sizes 1 4 8 --iterations 2000 --out geiping.json
-
-Writes the JSON after every attack (so a long run can be polled) and prints a markdown table.
+    python benchmarks/geiping.py --images 4 --batch-sizes 1 4 8 --out geiping.json
 """
 from __future__ import annotations
 
@@ -22,149 +22,105 @@ import os
 import platform
 import statistics
 import sys
-import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from adversary.attacks.geiping import GeipingParams, run as geiping_run  # noqa: E402
-from adversary.metrics import score_reconstruction  # noqa: E402
-from adversary.observation import Observation  # noqa: E402
-from adversary.registry import AttackContext  # noqa: E402
+from adversary.execution import plan_jobs, run_job  # noqa: E402
+from adversary.registry import resolve_attack_params  # noqa: E402
 from fedsim.data import load_data  # noqa: E402
-from fedsim.domain import DataDomain  # noqa: E402
-from fedsim.models import build_model  # noqa: E402
-from fedsim.scenario import DataSpec, ModelSpec, TrainingSpec  # noqa: E402
-from fedsim.schedule import local_batches  # noqa: E402
+from fedsim.scenario import Scenario  # noqa: E402
+from fedsim.single_shot import observe_first_update  # noqa: E402
+from server.setup import validate_scenario  # noqa: E402
 
 
-def client_update(spec: ModelSpec, domain: DataDomain, x: torch.Tensor, y: torch.Tensor, training: TrainingSpec,
-                  seed: int) -> Observation:
-    """The client's local training (train-mode model, torch.optim.SGD, batch-mean cross-entropy),
-    on a freshly initialised (untrained) model; returns what the server observes."""
-    torch.manual_seed(seed)
-    model = build_model(spec, domain.shape, domain.num_classes)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = local_batches(len(x), training.batch_size, training.epochs, training.max_steps)
-    opt = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
-                          weight_decay=training.weight_decay, nesterov=training.nesterov)
-    model.train()
-    for idx in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x[list(idx)]), y[list(idx)]).backward()
-        opt.step()
-    update = {k: v.detach() - before[k] for k, v in model.state_dict().items()}
-    return Observation(1, 0, spec, domain, before, update, training, len(x), len(batches))
+def attack_clients(scenario: Scenario, images: int, device: torch.device, iterations: int | None) -> list[dict]:
+    """Attack clients 0, 1, ... of ``scenario`` (round 1) until ``images`` images are scored."""
+    splits = load_data(scenario.data, scenario.seed)
+    params = resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
+    if iterations is not None:
+        params = {name: replace(p, iterations=iterations) for name, p in params.items()}
+    records = []
+    per_client = scenario.data.examples_per_client
+    for client in range(math.ceil(images / per_client)):
+        observation, truth = observe_first_update(scenario, splits, client)
+        for job in plan_jobs(scenario, params, observation, truth, 0):
+            record = run_job(job, device, lpips=None).record
+            if record.status != "ok":
+                raise RuntimeError(f"attack failed: {record.error}")
+            records.append(record.to_dict())
+            print(f"  client {client}: PSNR {[round(p, 2) for p in record.psnr]} ({record.seconds:.0f} s)", flush=True)
+    return records
 
 
-def attack_once(obs: Observation, x: torch.Tensor, y: torch.Tensor, params: GeipingParams, seed: int,
-                device: torch.device) -> dict:
-    start = time.perf_counter()
-    rec = geiping_run(obs, params, AttackContext(device=device, seed=seed))
-    seconds = time.perf_counter() - start
-    dom = obs.domain
-    scores = score_reconstruction(dom.to_unit(rec.inputs), dom.to_unit(x), rec.labels, y)
-    return {"psnr": scores.psnr, "ssim": scores.ssim, "label_acc": scores.label_acc, "iterations": rec.iterations,
-            "seconds": seconds, "objective": rec.objective, "mode": rec.extras["mode"]}
+def summarise(records: list[dict]) -> dict:
+    psnrs = [p for r in records for p in r["psnr"]]
+    return {"images": len(psnrs), "batches": len(records), "psnr_median": statistics.median(psnrs),
+            "psnr_mean": statistics.fmean(psnrs), "psnr_min": min(psnrs),
+            "ssim_mean": statistics.fmean(r["ssim_mean"] for r in records),
+            "label_acc": statistics.fmean(r["label_acc"] for r in records),
+            "iterations": records[0]["iterations"],
+            "seconds_per_batch": statistics.fmean(r["seconds"] for r in records)}
 
 
-def summarise(runs: list[dict]) -> dict:
-    psnrs = [p for r in runs for p in r["psnr"]]
-    ssims = [s for r in runs for s in r["ssim"]]
-    return {"images": len(psnrs), "batches": len(runs),
-            "psnr_median": statistics.median(psnrs), "psnr_mean": statistics.fmean(psnrs),
-            "psnr_min": min(psnrs), "ssim_mean": statistics.fmean(ssims),
-            "label_acc": statistics.fmean(r["label_acc"] for r in runs),
-            "iterations": runs[0]["iterations"], "seconds_per_batch": statistics.fmean(r["seconds"] for r in runs)}
-
-
-def markdown(result: dict) -> str:
+def markdown(summary: dict[str, dict]) -> str:
     lines = ["| case | images | PSNR median (dB) | PSNR mean (dB) | PSNR min (dB) | SSIM mean | label acc | "
              "iterations | s / batch |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, s in result["summary"].items():
+    for name, s in summary.items():
         lines.append(f"| {name} | {s['images']} | {s['psnr_median']:.2f} | {s['psnr_mean']:.2f} | "
                      f"{s['psnr_min']:.2f} | {s['ssim_mean']:.3f} | {s['label_acc']:.2f} | {s['iterations']} | "
                      f"{s['seconds_per_batch']:.0f} |")
     return "\n".join(lines)
 
 
+def variant(base: Scenario, batch_size: int, epochs: int = 1, momentum: float = 0.0, weight_decay: float = 0.0,
+            multistep: str | None = None) -> Scenario:
+    training = replace(base.training, batch_size=batch_size, epochs=epochs, max_steps=0 if epochs > 1 else 1,
+                       momentum=momentum, weight_decay=weight_decay)
+    data = replace(base.data, examples_per_client=batch_size)
+    attack = base.attack
+    if multistep is not None:
+        tables = {name: {**attack.params.get(name, {}), "multistep": multistep} for name in attack.attacks}
+        attack = replace(attack, params=tables)
+    return replace(base, training=training, data=data, attack=attack)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=4, help="images per batch size (ceil(images/b) batches)")
+    ap.add_argument("--scenario", type=Path, default=ROOT / "scenarios" / "geiping_fedsgd_b1.toml")
+    ap.add_argument("--images", type=int, default=4, help="images scored per case")
     ap.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 8])
-    ap.add_argument("--iterations", type=int, default=GeipingParams().iterations)
-    ap.add_argument("--restarts", type=int, default=GeipingParams().restarts)
-    ap.add_argument("--width", type=int, default=32, help="ConvNet base width")
-    ap.add_argument("--lr", type=float, default=TrainingSpec().lr, help="client learning rate")
-    ap.add_argument("--multistep-cases", type=int, default=None,
-                    help="cases (of 2 images) in the multi-step comparison; default ceil(images/2), 0 = skip")
-    ap.add_argument("--multistep-iterations", type=int, default=None, help="default: --iterations")
+    ap.add_argument("--iterations", type=int, default=None, help="override the scenario's Geiping iterations")
+    ap.add_argument("--skip-multistep", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (more than the free cores makes OpenMP spin: much slower)")
-    ap.add_argument("--device", default="cpu", help="device the attack runs on (cpu, cuda)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="JSON file (rewritten after every attack)")
+                    help="torch threads (more than the free cores makes OpenMP spin: much slower)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file, rewritten after every case")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    base = validate_scenario(args.scenario)
+    result: dict = {"scenario": str(args.scenario), "machine": {
+        "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "loadavg_start": os.getloadavg()},
+        "runs": {}, "summary": {}}
 
-    data = load_data(DataSpec(), seed=args.seed)
-    domain = data.domain
-    spec = ModelSpec(name="convnet", width=args.width)
-    params = replace(GeipingParams(), iterations=args.iterations, restarts=args.restarts)
-    result: dict = {
-        "config": {"model": asdict(spec), "data": "embedded_photos 32x32", "params": asdict(params),
-                   "client_lr": args.lr, "seed": args.seed, "threads": args.threads, "device": args.device,
-                   "labels": "recovered"},
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                    "loadavg_start": os.getloadavg()},
-        "runs": {}, "summary": {},
-    }
-
-    def save() -> None:
+    cases = [(f"FedSGD b={b}", variant(base, b)) for b in args.batch_sizes]
+    if not args.skip_multistep:
+        cases += [(f"5 steps, b=2, {mode}", variant(base, 2, epochs=5, momentum=0.9, weight_decay=5e-4,
+                                                     multistep=mode)) for mode in ("unroll", "naive")]
+    for name, scenario in cases:
+        print(name, flush=True)
+        result["runs"][name] = attack_clients(scenario, args.images, device, args.iterations)
+        result["summary"][name] = summarise(result["runs"][name])
         if args.out is not None:
             result["machine"]["loadavg_now"] = os.getloadavg()
-            result["table"] = markdown(result)
             args.out.write_text(json.dumps(result, indent=1))
-
-    gen = torch.Generator().manual_seed(args.seed)
-    for b in args.batch_sizes:
-        name = f"FedSGD b={b}"
-        runs = result["runs"].setdefault(name, [])
-        for t in range(max(1, math.ceil(args.images / b))):
-            idx = torch.randperm(len(data.train_y), generator=gen)[:b]
-            x, y = data.train_x[idx], data.train_y[idx]
-            obs = client_update(spec, domain, x, y, TrainingSpec(batch_size=b, lr=args.lr), seed=1000 * b + t)
-            runs.append(attack_once(obs, x, y, params, seed=t, device=device) | {"indices": idx.tolist()})
-            result["summary"][name] = summarise(runs)
-            print(f"{name} batch {t}: PSNR {[round(p, 2) for p in runs[-1]['psnr']]} "
-                  f"{runs[-1]['seconds']:.0f}s", flush=True)
-            save()
-
-    cases = math.ceil(args.images / 2) if args.multistep_cases is None else args.multistep_cases
-    multistep = TrainingSpec(batch_size=2, epochs=5, lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    ms_params = replace(params, iterations=args.multistep_iterations or args.iterations)
-    for t in range(cases):
-        idx = torch.randperm(len(data.train_y), generator=gen)[:2]
-        x, y = data.train_x[idx], data.train_y[idx]
-        obs = client_update(spec, domain, x, y, multistep, seed=5000 + t)
-        for mode in ("unroll", "naive"):
-            name = f"5 steps, b=2, {mode}"
-            runs = result["runs"].setdefault(name, [])
-            runs.append(attack_once(obs, x, y, replace(ms_params, multistep=mode), seed=t,
-                                     device=device) | {"indices": idx.tolist()})
-            result["summary"][name] = summarise(runs)
-            print(f"{name} case {t}: PSNR {[round(p, 2) for p in runs[-1]['psnr']]} "
-                  f"{runs[-1]['seconds']:.0f}s", flush=True)
-            save()
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    save()
-    print(markdown(result))
+    print(markdown(result["summary"]))
     return result
 
 
