@@ -216,6 +216,14 @@ def test_registered_attack_runs_on_a_hand_built_observation(photos):
     assert _matched_error(rec.inputs, x) <= 1e-4
 
 
+def test_registered_attack_reports_failure_without_inputs(photos):
+    obs, _, _ = _observation(photos, 20, 7, TrainingSpec(batch_size=20, lr=0.1))
+    rec = ATTACKS["spear"].run(obs, SpearParams(max_samples=1), AttackContext(seed=0))
+    assert rec.extras["status"] == "failed: budget exhausted (samples)"
+    assert rec.inputs.shape == (0, 3, 32, 32) and rec.labels is None
+    assert rec.extras["estimated_batch_size"] == 20 and rec.extras["samples"] >= 1
+
+
 def test_feature_space_layer(photos):
     training = TrainingSpec(batch_size=5, lr=0.05)
     obs, x, model = _observation(photos, 5, 4, training, hidden=(128, 64))

@@ -5,6 +5,10 @@ targets) are optimised with L-BFGS so that their predicted update matches the ob
 squared L2 distance. ``label_mode = "recover"`` uses :mod:`adversary.labels` instead (iDLG).
 The predicted update comes from the same :class:`adversary.attacks.geiping.Matcher` as Geiping's
 attack (``multistep`` as there). Labels granted by the scenario (``obs.labels``) are always used.
+
+Measured here: on small MLPs it recovers b = 1 images; on the untrained 32x32 ConvNet with
+train-mode BatchNorm L-BFGS stalls or diverges at 5-10 dB (Geiping's attack: > 30 dB) — it is the
+baseline. A diverged run (non-finite objective) stops and returns the best point evaluated.
 """
 from __future__ import annotations
 
@@ -26,12 +30,19 @@ class DLGParams:
     max_eval: int = field(default=20, metadata={"min": 1, "doc": "objective evaluations per L-BFGS step"})
     lr: float = field(default=1.0, metadata={"gt": 0.0})
     history_size: int = field(default=100, metadata={"min": 1})
+    line_search: bool = field(default=False,
+                              metadata={"doc": "strong-Wolfe line search (steadier, but stalls earlier here)"})
     label_mode: str = field(default="joint", metadata={"choices": ("joint", "recover")})
     loss: str = field(default="l2", metadata={"choices": ("l2", "relative_l2", "cosine")})
     tv_weight: float = field(default=0.0, metadata={"min": 0.0})
-    box: bool = field(default=True, metadata={"doc": "clamp the dummies to the data range after every step"})
+    box: bool = field(default=True, metadata={"doc": "clamp the dummies to the data range after every step "
+                                                      "(the result is clamped in any case)"})
     init: str = field(default="randn", metadata={"choices": ("randn", "rand", "zeros")})
     multistep: str = field(default="auto", metadata={"choices": ("auto", "unroll", "naive")})
+
+
+class _Stop(Exception):
+    """Raised inside the L-BFGS closure: the deadline passed or the objective is not finite."""
 
 
 @register_attack("dlg", DLGParams)
@@ -52,7 +63,8 @@ def run(obs: Observation, params: DLGParams, ctx: AttackContext) -> Reconstructi
         fixed_labels, label_source = attack_labels(obs, n)
         fixed_labels = fixed_labels.to(device)
         variables = [x]
-    opt = torch.optim.LBFGS(variables, lr=params.lr, max_iter=params.max_eval, history_size=params.history_size)
+    opt = torch.optim.LBFGS(variables, lr=params.lr, max_iter=params.max_eval, history_size=params.history_size,
+                            line_search_fn="strong_wolfe" if params.line_search else None)
 
     def objective() -> torch.Tensor:
         labels = label_logits if joint else fixed_labels
@@ -61,31 +73,37 @@ def run(obs: Observation, params: DLGParams, ctx: AttackContext) -> Reconstructi
             value = value + params.tv_weight * total_variation(x)
         return value
 
+    best = [math.inf, x.detach().clone(), label_logits.detach().clone() if joint else None]
+
     def closure() -> torch.Tensor:
+        if ctx.deadline is not None and time.monotonic() > ctx.deadline:
+            raise _Stop("deadline")  # abandon the L-BFGS step in flight; the best evaluation is kept
         opt.zero_grad()
         value = objective()
+        v = value.item()
+        if not math.isfinite(v):
+            raise _Stop("diverged")
+        if v < best[0]:  # every evaluation is scored at the point it was made
+            best[:] = [v, x.detach().clone(), label_logits.detach().clone() if joint else None]
         value.backward()
         return value
 
-    best = (math.inf, x.detach().clone(), label_logits.detach().clone() if joint else None)
     stopped, diverged, done = False, False, 0
-    for it in range(params.iterations):
-        if ctx.deadline is not None and time.monotonic() > ctx.deadline:
-            stopped = True
+    for _ in range(params.iterations):
+        try:
+            if ctx.deadline is not None and time.monotonic() > ctx.deadline:
+                raise _Stop("deadline")
+            opt.step(closure)
+        except _Stop as stop:
+            stopped, diverged = stop.args[0] == "deadline", stop.args[0] == "diverged"
             break
-        opt.step(closure)
         if params.box:
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, hi), lo))
         done += 1
-        value = objective().item()
-        if not math.isfinite(value):
-            diverged = True
-            break
-        if value < best[0]:
-            best = (value, x.detach().clone(), label_logits.detach().clone() if joint else None)
-        ctx.report(done, params.iterations, value)
+        ctx.report(done, params.iterations, best[0])
     value, best_x, best_logits = best
+    best_x = torch.maximum(torch.minimum(best_x, hi), lo)
     labels = best_logits.argmax(dim=1) if joint else fixed_labels
     return Reconstruction(inputs=best_x.cpu(), labels=labels.cpu(), iterations=done, objective=value,
                           extras={"stopped_early": stopped, "diverged": diverged, "mode": mode,

@@ -1001,7 +1001,7 @@ def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruc
         return Reconstruction(inputs, None, 0, float("nan"), extras)
     extras.update(res.summary())
     objective = float("nan")
-    if res.X is not None:
+    if res.X is not None and not res.status.startswith("failed"):
         G = inv.gradient.double()
         objective = float((G - res.delta.T @ res.X).norm() / G.norm().clamp_min(1e-300))
         if inv.image_space:
