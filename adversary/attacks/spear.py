@@ -78,6 +78,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adversary.labels import recover_labels
 from adversary.observation import Observation, Reconstruction
 from adversary.registry import AttackContext, register_attack
 from fedsim.models import build_model
@@ -989,7 +990,7 @@ def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruc
     the inputs are the images (b, C, H, W), normalised; for a deeper layer no images are
     returned and ``extras`` reports the feature-space result (use :func:`invert_observation`
     for the feature vectors). Multi-step updates go through :func:`spear_fedavg`.
-    Labels: None (SPEAR needs none)."""
+    Labels: SPEAR needs none; the reported ones come from the last layer (adversary.labels)."""
     shape = tuple(obs.domain.shape)
     inv = invert_observation(obs, params, ctx)
     extras: dict = {"layer": inv.layer, "num_steps": obs.num_steps, "feature_space": not inv.image_space,
@@ -1009,4 +1010,6 @@ def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruc
         else:
             extras["features_recovered"] = int(res.X.shape[0])
             extras["feature_dim"] = int(res.X.shape[1])
-    return Reconstruction(inputs, None, res.samples, objective, extras)
+    # SPEAR needs no labels; for completeness report the last layer's label recovery
+    labels = recover_labels(obs, len(inputs)) if len(inputs) else None
+    return Reconstruction(inputs, labels, res.samples, objective, extras)
