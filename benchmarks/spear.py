@@ -74,7 +74,7 @@ def uniform_expectation(zero_counts: list[int], live: int, b: int) -> float:
     return float(np.trapezoid(surv, t) + 1.0)
 
 
-def one_batch(pool_x, pool_y, b: int, seed: int, budget: float) -> dict:
+def one_batch(pool_x, pool_y, b: int, seed: int, budget: float, device: str = "cpu") -> dict:
     idx = torch.randperm(len(pool_x), generator=torch.Generator().manual_seed(seed))[:b]
     x, y = pool_x[idx], pool_y[idx]
     torch.manual_seed(seed)
@@ -87,7 +87,7 @@ def one_batch(pool_x, pool_y, b: int, seed: int, budget: float) -> dict:
     live = int((gw.abs().sum(1) > 0).sum())
     zero_counts = [int(v) for v in ((z <= 0) & (gw.abs().sum(1) > 0)).sum(1)]
     res = spear_invert_linear(gw, gb, weight=layer.weight.detach(), bias=layer.bias.detach(), seed=seed,
-                              params=SpearParams(time_budget_s=budget))
+                              params=SpearParams(time_budget_s=budget), device=device)
     err = matched_error(res.X, x)
     return {"b": b, "seed": seed, **res.summary(), "max_abs_error": err if math.isfinite(err) else None,
             "exact_verified": bool(res.status == "exact" and err <= EXACT_TOL),
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=120.0, help="seconds per batch")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: with other jobs on the cores, more threads are much slower)")
     ap.add_argument("--fedavg", action="store_true", help="also measure the FedAvg extension")
+    ap.add_argument("--device", default="cpu", help="where the search runs (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for b in args.sizes:
         for seed in range(args.batches):
-            r = one_batch(splits.train_x, splits.train_y, b, seed, args.budget)
+            r = one_batch(splits.train_x, splits.train_y, b, seed, args.budget, args.device)
             runs.append(r)
             print(f"b={b} seed={seed}: {r['status']} {r['seconds']:.1f}s samples={r['samples']:.3g} "
                   f"err={r['max_abs_error']}", flush=True)
