@@ -3,6 +3,7 @@ writes ``rounds.jsonl`` and waits for the planned attacks before it returns."""
 from __future__ import annotations
 
 import time
+
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -10,7 +11,7 @@ from tqdm import tqdm
 
 from fedsim.evaluation import evaluate_model
 from fedsim.models import build_model, state_to_tensors
-from fedsim.rundir import ROUNDS, RunDirectory
+from fedsim.rundir import ROUNDS
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from server.setup import ServerSetup, prepare_server_setup

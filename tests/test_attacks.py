@@ -26,6 +26,7 @@ from fedsim.domain import DataDomain
 from fedsim.models import build_model
 from fedsim.scenario import DataSpec, ModelSpec, TrainingSpec
 from fedsim.schedule import local_batches
+from helpers import client_update
 
 MULTISTEP = TrainingSpec(batch_size=2, epochs=5, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -36,22 +37,6 @@ def photos16():
     return load_data(DataSpec(train_examples=100, test_examples=10, image_size=16), seed=0)
 
 
-def client_update(spec: ModelSpec, domain: DataDomain, x: torch.Tensor, y: torch.Tensor, training: TrainingSpec,
-                  seed: int) -> Observation:
-    """What the server observes from a client training an untrained model (plain torch loop)."""
-    torch.manual_seed(seed)
-    model = build_model(spec, domain.shape, domain.num_classes)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = local_batches(len(x), training.batch_size, training.epochs, training.max_steps)
-    opt = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
-                          weight_decay=training.weight_decay, nesterov=training.nesterov)
-    model.train()
-    for idx in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x[list(idx)]), y[list(idx)]).backward()
-        opt.step()
-    update = {k: v.detach() - before[k] for k, v in model.state_dict().items()}
-    return Observation(1, 0, spec, domain, before, update, training, len(x), len(batches))
 
 
 def matched_psnr(domain: DataDomain, recon: torch.Tensor, truth: torch.Tensor) -> float:

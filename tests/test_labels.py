@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from adversary.labels import counts_from_head, recover_labels, step_coefficients
-from adversary.observation import Observation
 from fedsim.data import load_data
-from fedsim.domain import DataDomain
-from fedsim.models import build_model
 from fedsim.scenario import DataSpec, ModelSpec, TrainingSpec
-from fedsim.schedule import local_batches
+from helpers import client_update
 
 CONVNET = ModelSpec(name="convnet", width=32)
 MLP = ModelSpec(name="mlp", hidden=(256,))
@@ -23,22 +19,6 @@ def photos():
     return load_data(DataSpec(train_examples=200, test_examples=10), seed=0)
 
 
-def client_update(spec: ModelSpec, domain: DataDomain, x: torch.Tensor, y: torch.Tensor, training: TrainingSpec,
-                  seed: int) -> Observation:
-    """What the server observes from a client that trains an untrained model (plain torch loop)."""
-    torch.manual_seed(seed)
-    model = build_model(spec, domain.shape, domain.num_classes)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = local_batches(len(x), training.batch_size, training.epochs, training.max_steps)
-    opt = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
-                          weight_decay=training.weight_decay, nesterov=training.nesterov)
-    model.train()
-    for idx in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x[list(idx)]), y[list(idx)]).backward()
-        opt.step()
-    update = {k: v.detach() - before[k] for k, v in model.state_dict().items()}
-    return Observation(1, 0, spec, domain, before, update, training, len(x), len(batches))
 
 
 def multiset_accuracy(pred: torch.Tensor, true: torch.Tensor, num_classes: int) -> float:
