@@ -99,7 +99,6 @@ class SpearParams:
     free_dims: int = field(default=10, metadata={"min": 2, "max": 16, "doc": "K: null-space dimension at a search-tree root (b - K rows solved by QR, K - 1 added by reflections)"})
     endgame: int = field(default=3, metadata={"min": 0, "max": 3, "doc": "complete the last <= endgame directions from the ReLU pattern (needs the layer weights)"})
     layer: str = field(default="", metadata={"doc": "module name of the linear layer to invert; empty = the first nn.Linear"})
-    refine: bool = field(default=False, metadata={"doc": "reserved: gradient-matching refinement of non-exact results (not implemented)"})
 
 
 @dataclass
