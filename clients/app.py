@@ -12,14 +12,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.training import train_locally
-from defenses.registry import build_defense
-from fedsim.data import DatasetSplits, load_data, partition_indices
-from fedsim.models import build_model
+from clients.training import run_client_round
+from fedsim.data import DatasetSplits, load_data, scenario_partitions
 from fedsim.records import GROUND_TRUTH_KEY, from_record, pack_batches, to_record
 from fedsim.scenario import Scenario, parse_scenario
-from fedsim.schedule import distinct_examples
-from fedsim.seeding import generator
 
 app = ClientApp()
 
@@ -40,8 +36,7 @@ def client_partitions(text: str) -> tuple[DatasetSplits, list[torch.Tensor]]:
     """The scenario's data and one index tensor per client, cached per process."""
     scenario = scenario_from_text(text)
     splits = load_data(scenario.data, scenario.seed)
-    parts = partition_indices(splits.train_y, scenario.federation.num_clients, scenario.data.examples_per_client,
-                              scenario.data.partition, scenario.data.dirichlet_alpha, scenario.seed)
+    parts = scenario_partitions(scenario, splits)
     return splits, parts
 
 
@@ -66,23 +61,15 @@ def train(msg: Message, context: Context) -> Message:
         raise InjectedClientFailure(f"client {client_id} fails by scenario (federation.failing_clients)")
 
     splits, parts = client_partitions(text)
-    index = parts[client_id]
-    inputs, labels = splits.train_x[index], splits.train_y[index]
-    model = build_model(scenario.model, splits.domain.shape, splits.domain.num_classes)
-    model.load_state_dict(from_record(msg.content["arrays"]))
-
-    rng = generator(scenario.seed, "client", server_round, client_id)
-    defense = build_defense(scenario.defense, rng)
-    result = train_locally(model, inputs, labels, scenario.training, float(config["lr"]), rng, defense)
-
     global_state = from_record(msg.content["arrays"])
-    new_state = {k: global_state[k] + result.update[k] for k in global_state}
-    used, batches = distinct_examples(result.batches)
-    truth = {"inputs": inputs[used], "labels": labels[used], "batches": pack_batches(batches)}
+    work = run_client_round(scenario, splits, parts[client_id], client_id, server_round, global_state,
+                            float(config["lr"]))
+    new_state = {k: global_state[k] + work.update[k] for k in global_state}
+    truth = {"inputs": work.inputs, "labels": work.labels, "batches": pack_batches(work.batches)}
     metrics = MetricRecord({
-        "num-examples": len(index),
-        "steps": len(result.batches),
-        "train-loss": result.mean_loss,
+        "num-examples": work.num_examples,
+        "steps": len(work.batches),
+        "train-loss": work.mean_loss,
     })
     content = RecordDict({"arrays": to_record(new_state), "metrics": metrics,
                           GROUND_TRUTH_KEY: to_record(truth)})

@@ -9,8 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses.base import Defense
-from fedsim.schedule import local_batches
-from fedsim.scenario import TrainingSpec
+from defenses.registry import build_defense
+from fedsim.data import DatasetSplits
+from fedsim.models import build_model
+from fedsim.scenario import Scenario, TrainingSpec
+from fedsim.schedule import distinct_examples, local_batches
+from fedsim.seeding import generator
 
 
 @dataclass
@@ -46,3 +50,31 @@ def train_locally(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, 
         losses.append(loss.item())
     raw = {k: v.detach() - before[k] for k, v in model.state_dict().items()}
     return LocalResult(defense.on_update(raw), batches, sum(losses) / max(len(losses), 1))
+
+
+@dataclass
+class ClientRound:
+    """One client's work in one round: the uploaded Δ (``update``), the distinct examples it
+    trained on (``inputs`` (N, C, H, W), ``labels`` (N,)), each step's batch as indices into
+    them (``batches``), and ``num_examples`` (its local data set size)."""
+
+    update: dict[str, torch.Tensor]
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    batches: list[tuple[int, ...]]
+    num_examples: int
+    mean_loss: float
+
+
+def run_client_round(scenario: Scenario, splits: DatasetSplits, index: torch.Tensor, client_id: int,
+                     server_round: int, global_state: dict[str, torch.Tensor], lr: float) -> ClientRound:
+    """Train client ``client_id`` (local data ``splits.train_*[index]``) from ``global_state``
+    with the round's seeds and defense, as the ClientApp does."""
+    inputs, labels = splits.train_x[index], splits.train_y[index]
+    model = build_model(scenario.model, splits.domain.shape, splits.domain.num_classes)
+    model.load_state_dict(global_state)
+    rng = generator(scenario.seed, "client", server_round, client_id)
+    result = train_locally(model, inputs, labels, scenario.training, lr, rng,
+                           build_defense(scenario.defense, rng, scenario.source))
+    used, batches = distinct_examples(result.batches)
+    return ClientRound(result.update, inputs[used], labels[used], batches, len(index), result.mean_loss)

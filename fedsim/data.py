@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fedsim.domain import DataDomain
-from fedsim.scenario import DataSpec
+from fedsim.scenario import DataSpec, Scenario
 
 # class name -> loader of a bundled RGB photo (uint8, H x W x 3); all ship with the packages
 PHOTOS: dict[str, Callable[[], np.ndarray]] = {
@@ -333,3 +333,10 @@ def _load_imagefolder(spec: DataSpec, seed: int) -> Loaded:
         images = [_resize(center_crop(img, [min(img.shape[1:])])[None], spec.image_size) for img in unit]
         out += [torch.cat(images), torch.as_tensor(ds.targets)[torch.from_numpy(idx)].long()]
     return out[0], out[1], out[2], out[3], classes
+
+
+def scenario_partitions(scenario: Scenario, splits: DatasetSplits) -> list[torch.Tensor]:
+    """The index tensor of every client of ``scenario`` into ``splits.train_x`` (its partition
+    scheme, sizes and seed); raises ValueError when the pool is too small."""
+    return partition_indices(splits.train_y, scenario.federation.num_clients, scenario.data.examples_per_client,
+                             scenario.data.partition, scenario.data.dirichlet_alpha, scenario.seed)

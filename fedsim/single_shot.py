@@ -12,14 +12,11 @@ from adversary.execution import plan_jobs, run_job, store_result
 from adversary.metrics import LpipsScorer
 from adversary.observation import GroundTruth, Observation, observe
 from adversary.registry import resolve_attack_params
-from clients.training import train_locally
-from defenses.registry import build_defense
+from clients.training import run_client_round
 from fedsim.config import ScenarioError
-from fedsim.data import DatasetSplits, partition_indices
+from fedsim.data import DatasetSplits, scenario_partitions
 from fedsim.models import state_to_tensors
 from fedsim.scenario import Scenario
-from fedsim.schedule import distinct_examples
-from fedsim.seeding import generator
 from server.app import initial_model
 from server.setup import ServerSetup, prepare_server_setup
 
@@ -28,19 +25,13 @@ def observe_first_update(scenario: Scenario, splits: DatasetSplits, client: int)
     """Client ``client`` trains once from the initial global model (round 1, with the same
     seeds as a full run); returns what the server observes and the ground truth."""
     server_round = 1
-    parts = partition_indices(splits.train_y, scenario.federation.num_clients, scenario.data.examples_per_client,
-                              scenario.data.partition, scenario.data.dirichlet_alpha, scenario.seed)
-    inputs, labels = splits.train_x[parts[client]], splits.train_y[parts[client]]
-    model = initial_model(scenario, splits.domain.shape, splits.domain.num_classes)
-    theta = state_to_tensors(model)
-    rng = generator(scenario.seed, "client", server_round, client)
-    result = train_locally(model, inputs, labels, scenario.training,
-                           scenario.training.lr_at(server_round, scenario.federation.rounds), rng,
-                           build_defense(scenario.defense, rng, scenario.source))
-    used, batches = distinct_examples(result.batches)
-    truth = GroundTruth(inputs[used], labels[used], tuple(batches))
-    observation = observe(scenario, splits.domain, server_round, client, theta, result.update, len(inputs),
-                          len(result.batches), truth)
+    parts = scenario_partitions(scenario, splits)
+    theta = state_to_tensors(initial_model(scenario, splits.domain.shape, splits.domain.num_classes))
+    work = run_client_round(scenario, splits, parts[client], client, server_round, theta,
+                            scenario.training.lr_at(server_round, scenario.federation.rounds))
+    truth = GroundTruth(work.inputs, work.labels, tuple(work.batches))
+    observation = observe(scenario, splits.domain, server_round, client, theta, work.update, work.num_examples,
+                          len(work.batches), truth)
     return observation, truth
 
 

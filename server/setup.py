@@ -13,7 +13,7 @@ import torch
 from adversary.registry import resolve_attack_params
 from defenses.registry import resolve_defense_params
 from fedsim.config import ScenarioError
-from fedsim.data import DatasetSplits, load_data, partition_indices
+from fedsim.data import DatasetSplits, load_data, scenario_partitions
 from fedsim.rundir import RunDirectory
 from fedsim.scenario import Scenario, load_scenario, scenario_to_table
 from server.strategy import AttackSink, RecordingSink
@@ -44,8 +44,7 @@ def validate_scenario(path: str | Path) -> Scenario:
 def check_partition(scenario: Scenario, splits: DatasetSplits) -> None:
     """Fail before the run if the data set cannot give every client its examples."""
     try:
-        partition_indices(splits.train_y, scenario.federation.num_clients, scenario.data.examples_per_client,
-                          scenario.data.partition, scenario.data.dirichlet_alpha, scenario.seed)
+        scenario_partitions(scenario, splits)
     except ValueError as exc:
         raise ScenarioError(scenario.source, "data.examples_per_client", str(exc)) from None
 
