@@ -3,7 +3,7 @@
 Dummy images (and, with ``label_mode = "joint"``, dummy label logits, softmaxed into soft
 targets) are optimised with L-BFGS so that their predicted update matches the observed one in
 squared L2 distance. ``label_mode = "recover"`` uses :mod:`adversary.labels` instead (iDLG).
-The predicted update comes from the same :class:`adversary.attacks.geiping.Matcher` as Geiping's
+The predicted update comes from the same :class:`adversary.matching.Matcher` as Geiping's
 attack (``multistep`` as there). Labels granted by the scenario (``obs.labels``) are always used.
 
 Measured here: on small MLPs it recovers b = 1 images; on the untrained 32x32 ConvNet with
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adversary.attacks.geiping import Matcher, attack_labels, initial_inputs, resolve_mode
+from adversary.matching import Matcher, attack_labels, initial_inputs, resolve_mode
 from adversary.objectives import total_variation
 from adversary.observation import Observation, Reconstruction
 from adversary.registry import AttackContext, register_attack

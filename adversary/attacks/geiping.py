@@ -25,19 +25,14 @@ Labels come from :mod:`adversary.labels` unless the scenario grants them (``obs.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from adversary.labels import recover_labels
-from adversary.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES, l2_distance, layer_weights, matching_loss, \
-    total_variation
+from adversary.matching import Descent, Matcher, attack_labels, descend_inputs, initial_inputs, resolve_mode
+from adversary.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES, total_variation
 from adversary.observation import Observation, Reconstruction
 from adversary.registry import AttackContext, register_attack
-from adversary.unroll import batchnorm_buffer_names, parameter_names, unroll_local_training
-from fedsim.models import build_model
-from fedsim.schedule import local_batches
 
 
 @dataclass(frozen=True)
@@ -70,89 +65,6 @@ class GeipingParams:
     report_every: int = field(default=100, metadata={"min": 1})
 
 
-class Matcher:
-    """Objective of an update-matching attack: the dummies' predicted update vs the observed one.
-
-    Shared by the optimisation attacks. ``mode`` ``unroll`` replays the public local loop;
-    ``naive`` predicts one step on the whole batch (−lr·∇L at θ_t).
-    """
-
-    def __init__(self, obs: Observation, device: torch.device, mode: str, *, loss: str = "cosine",
-                 layer_weighting: str = "equal", bn_weight: float = 0.0):
-        self.obs = obs
-        self.device = device
-        self.model = build_model(obs.model, obs.domain.shape, obs.domain.num_classes).to(device)
-        self.state = {k: (v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device))
-                      for k, v in obs.global_state.items()}
-        self.n = num_examples(obs)
-        self.mode = mode
-        tr = obs.training
-        if mode == "unroll":
-            self.training = tr
-            self.batches = local_batches(self.n, tr.batch_size, tr.epochs, tr.max_steps)
-        elif mode == "naive":
-            self.training = replace(tr, momentum=0.0, weight_decay=0.0, nesterov=False)
-            self.batches = [tuple(range(self.n))]
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-        self.param_names = [k for k in parameter_names(self.model) if obs.update[k].abs().sum() > 0]
-        self.buffer_names = batchnorm_buffer_names(self.model) if bn_weight > 0 else []
-        # compared in gradient units (Δ/lr), which keeps L2 losses at a sensible scale
-        self.scale = 1.0 / tr.lr
-        self.targets = [obs.update[k].to(device=device, dtype=torch.float32) * self.scale for k in self.param_names]
-        self.buffer_targets = [obs.update[k].to(device=device, dtype=torch.float32) for k in self.buffer_names]
-        self.loss = loss
-        self.bn_weight = bn_weight
-        self.weights = layer_weights(len(self.param_names), layer_weighting, device=device)
-
-    def predict(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return unroll_local_training(self.model, self.state, inputs, labels, self.training,
-                                     self.batches, buffers=bool(self.buffer_names))
-
-    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pred = self.predict(inputs, labels)
-        value = matching_loss(self.loss, [pred[k] * self.scale for k in self.param_names], self.targets,
-                              self.weights)
-        if self.buffer_names:
-            value = value + self.bn_weight * l2_distance([pred[k] for k in self.buffer_names], self.buffer_targets,
-                                                         relative=True) / len(self.buffer_names)
-        return value
-
-
-def num_examples(obs: Observation) -> int:
-    """How many distinct examples to reconstruct: what the client reported, else inferred from the
-    number of local steps (steps = epochs·ceil(n/B) ⇒ n ≤ B·steps/epochs; the upper end is taken)."""
-    tr = obs.training
-    if obs.num_examples is None and (tr.max_steps == 0 or obs.num_steps < tr.max_steps):
-        return max(1, math.ceil(obs.num_steps / tr.epochs) * tr.batch_size)
-    return max(1, obs.num_distinct_examples)
-
-
-def resolve_mode(multistep: str, obs: Observation) -> str:
-    if multistep == "auto":
-        return "unroll"
-    return multistep
-
-
-def initial_inputs(init: str, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    if init == "randn":
-        x = torch.randn(shape, generator=generator)
-    elif init == "rand":
-        x = torch.rand(shape, generator=generator) * 2 - 1
-    elif init == "zeros":
-        x = torch.zeros(shape)
-    else:
-        raise ValueError(f"unknown init {init!r}")
-    return x.to(device)
-
-
-def attack_labels(obs: Observation, n: int) -> tuple[torch.Tensor, str]:
-    """Labels the attack uses: granted ones if the scenario grants them, else recovered."""
-    if obs.labels is not None:
-        return obs.labels.clone().long(), "granted"
-    return recover_labels(obs, n), "recovered"
-
-
 @register_attack("geiping", GeipingParams)
 def run(obs: Observation, params: GeipingParams, ctx: AttackContext) -> Reconstruction:
     device = ctx.device
@@ -163,53 +75,37 @@ def run(obs: Observation, params: GeipingParams, ctx: AttackContext) -> Reconstr
     labels, label_source = attack_labels(obs, n)
     labels = labels.to(device)
     shape = (n, *obs.domain.shape)
-    lo, hi = obs.domain.bounds(torch.zeros(1, device=device))
+    bounds = obs.domain.bounds(torch.zeros(1, device=device))
     generator = torch.Generator().manual_seed(ctx.seed)
-    milestones = [math.floor(params.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if params.lr_decay else []
     total = params.iterations * params.restarts
-
-    best_x, best_obj = None, math.inf
-    objectives: list[float] = []
     done = 0
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        match = matcher(x, labels)
+        return match + params.tv_weight * total_variation(x) if params.tv_weight else match
+
+    def on_step(value: float) -> None:
+        nonlocal done
+        done += 1
+        if done % params.report_every == 0:
+            ctx.report(done, total, value)
+
+    best: Descent | None = None
     stopped = False
-    for restart in range(params.restarts):
-        x = initial_inputs(params.init, shape, generator, device)
-        x = torch.maximum(torch.minimum(x, hi), lo).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=params.lr)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-        run_best_x, run_best = x.detach().clone(), math.inf
-        for it in range(params.iterations):
-            if ctx.deadline is not None and time.monotonic() > ctx.deadline:
-                stopped = True
-                break
-            match = matcher(x, labels)
-            obj = match + params.tv_weight * total_variation(x) if params.tv_weight else match
-            (grad,) = torch.autograd.grad(obj, x)
-            value = obj.item()
-            if value < run_best:
-                run_best, run_best_x = value, x.detach().clone()
-            x.grad = grad.sign() if params.signed else grad
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-            done += 1
-            if done % params.report_every == 0:
-                ctx.report(done, total, value)
-        if not stopped:
-            # score the final iterate too (the loop scored each iterate before its step)
-            final = (matcher(x.detach(), labels) + params.tv_weight * total_variation(x.detach())).item()
-            if final < run_best:
-                run_best, run_best_x = final, x.detach().clone()
-        if math.isfinite(run_best):
-            objectives.append(run_best)
-        if run_best < best_obj:
-            best_obj, best_x = run_best, run_best_x
-        if stopped:
+    objectives: list[float] = []
+    for _ in range(params.restarts):
+        descent = descend_inputs(objective, initial_inputs(params.init, shape, generator, device),
+                                 iterations=params.iterations, lr=params.lr, signed=params.signed,
+                                 lr_decay=params.lr_decay, bounds=bounds, deadline=ctx.deadline, on_step=on_step)
+        if math.isfinite(descent.objective):
+            objectives.append(descent.objective)
+        if best is None or descent.objective < best.objective:
+            best = descent
+        if descent.stopped:
+            stopped = True
             break
-    if best_x is None:  # deadline before the first step
-        best_x = torch.maximum(torch.minimum(initial_inputs(params.init, shape, generator, device), hi), lo)
-    ctx.report(done, total, best_obj)
-    return Reconstruction(inputs=best_x.cpu(), labels=labels.cpu(), iterations=done, objective=best_obj,
-                          extras={"stopped_early": stopped, "mode": mode, "label_source": label_source,
-                                  "restarts_done": len(objectives), "restart_objectives": objectives})
+    ctx.report(done, total, best.objective)
+    return Reconstruction(inputs=best.inputs.cpu(), labels=labels.cpu(), iterations=done, objective=best.objective,
+                          extras={"stopped_early": stopped, "mode": mode,
+                                  "label_source": label_source, "restarts_done": len(objectives),
+                                  "restart_objectives": objectives})

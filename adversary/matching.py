@@ -1,0 +1,167 @@
+"""Update matching: what the optimisation attacks (Geiping, DLG, SPEAR's refinement) share.
+
+:class:`Matcher` predicts the update dummy inputs would produce (the client's local training
+unrolled, or one naive step) and scores it against the observed one; :func:`descend_inputs`
+is the descent on the inputs (Adam on signed gradients, step decay, box projection, deadline,
+best iterate kept); the rest picks how many examples to reconstruct, their labels and the
+random start.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from adversary.labels import recover_labels
+from adversary.objectives import l2_distance, layer_weights, matching_loss
+from adversary.observation import Observation
+from adversary.unroll import batchnorm_buffer_names, parameter_names, unroll_local_training
+from fedsim.models import build_model
+from fedsim.schedule import local_batches
+
+
+class Matcher:
+    """Objective of an update-matching attack: the dummies' predicted update vs the observed one.
+
+    Shared by the optimisation attacks. ``mode`` ``unroll`` replays the public local loop;
+    ``naive`` predicts one step on the whole batch (−lr·∇L at θ_t).
+    """
+
+    def __init__(self, obs: Observation, device: torch.device, mode: str, *, loss: str = "cosine",
+                 layer_weighting: str = "equal", bn_weight: float = 0.0):
+        self.obs = obs
+        self.device = device
+        self.model = build_model(obs.model, obs.domain.shape, obs.domain.num_classes).to(device)
+        self.state = {k: (v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device))
+                      for k, v in obs.global_state.items()}
+        self.n = num_examples(obs)
+        self.mode = mode
+        tr = obs.training
+        if mode == "unroll":
+            self.training = tr
+            self.batches = local_batches(self.n, tr.batch_size, tr.epochs, tr.max_steps)
+        elif mode == "naive":
+            self.training = replace(tr, momentum=0.0, weight_decay=0.0, nesterov=False)
+            self.batches = [tuple(range(self.n))]
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        self.param_names = [k for k in parameter_names(self.model) if obs.update[k].abs().sum() > 0]
+        self.buffer_names = batchnorm_buffer_names(self.model) if bn_weight > 0 else []
+        # compared in gradient units (Δ/lr), which keeps L2 losses at a sensible scale
+        self.scale = 1.0 / tr.lr
+        self.targets = [obs.update[k].to(device=device, dtype=torch.float32) * self.scale for k in self.param_names]
+        self.buffer_targets = [obs.update[k].to(device=device, dtype=torch.float32) for k in self.buffer_names]
+        self.loss = loss
+        self.bn_weight = bn_weight
+        self.weights = layer_weights(len(self.param_names), layer_weighting, device=device)
+
+    def predict(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return unroll_local_training(self.model, self.state, inputs, labels, self.training,
+                                     self.batches, buffers=bool(self.buffer_names))
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pred = self.predict(inputs, labels)
+        value = matching_loss(self.loss, [pred[k] * self.scale for k in self.param_names], self.targets,
+                              self.weights)
+        if self.buffer_names:
+            value = value + self.bn_weight * l2_distance([pred[k] for k in self.buffer_names], self.buffer_targets,
+                                                         relative=True) / len(self.buffer_names)
+        return value
+
+
+def num_examples(obs: Observation) -> int:
+    """How many distinct examples to reconstruct: what the client reported, else inferred from the
+    number of local steps (steps = epochs·ceil(n/B) ⇒ n ≤ B·steps/epochs; the upper end is taken)."""
+    tr = obs.training
+    if obs.num_examples is None and (tr.max_steps == 0 or obs.num_steps < tr.max_steps):
+        return max(1, math.ceil(obs.num_steps / tr.epochs) * tr.batch_size)
+    return max(1, obs.num_distinct_examples)
+
+
+def resolve_mode(multistep: str, obs: Observation) -> str:
+    if multistep == "auto":
+        return "unroll"
+    return multistep
+
+
+def initial_inputs(init: str, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    if init == "randn":
+        x = torch.randn(shape, generator=generator)
+    elif init == "rand":
+        x = torch.rand(shape, generator=generator) * 2 - 1
+    elif init == "zeros":
+        x = torch.zeros(shape)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return x.to(device)
+
+
+def attack_labels(obs: Observation, n: int) -> tuple[torch.Tensor, str]:
+    """Labels the attack uses: granted ones if the scenario grants them, else recovered."""
+    if obs.labels is not None:
+        return obs.labels.clone().long(), "granted"
+    return recover_labels(obs, n), "recovered"
+
+
+@dataclass
+class Descent:
+    """:func:`descend_inputs`' answer: the best iterate (by objective, the start included), its
+    objective, the steps taken, and whether the deadline stopped the descent."""
+
+    inputs: torch.Tensor
+    objective: float
+    steps: int
+    stopped: bool
+
+
+def descend_inputs(objective: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, *, iterations: int,
+                   lr: float, signed: bool = True, lr_decay: bool = True,
+                   bounds: tuple[torch.Tensor, torch.Tensor] | None = None, deadline: float | None = None,
+                   on_step: Callable[[float], None] | None = None, movable: torch.Tensor | None = None) -> Descent:
+    """Minimise ``objective(x)`` (a scalar tensor) over inputs ``x`` shaped like ``start``.
+
+    Adam on the sign of the input gradient (``signed``) or on the gradient itself; lr x0.1 at
+    3/8, 5/8 and 7/8 of ``iterations`` (``lr_decay``); projection onto ``bounds`` = (lo, hi)
+    after every step; stops early at the ``time.monotonic()`` ``deadline``. ``on_step(value)``
+    is called after each step with the objective of the iterate the step started from.
+    ``movable`` (n,) bool: only these inputs (rows of ``start``) move; the rest stay fixed.
+    """
+    lo, hi = bounds if bounds is not None else (None, None)
+
+    def project(t: torch.Tensor) -> torch.Tensor:
+        return t if lo is None else torch.maximum(torch.minimum(t, hi), lo)
+
+    x = project(start.detach().clone()).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    milestones = [math.floor(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if lr_decay else []
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    best_x, best = x.detach().clone(), math.inf
+    steps, stopped = 0, False
+    for _ in range(iterations):
+        if deadline is not None and time.monotonic() > deadline:
+            stopped = True
+            break
+        obj = objective(x)
+        (grad,) = torch.autograd.grad(obj, x)
+        value = obj.item()
+        if value < best:
+            best, best_x = value, x.detach().clone()
+        if movable is not None:
+            grad = grad * movable.view(-1, *[1] * (grad.dim() - 1)).to(grad)
+        x.grad = grad.sign() if signed else grad
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.copy_(project(x))
+        steps += 1
+        if on_step is not None:
+            on_step(value)
+    if not stopped:  # score the final iterate too (the loop scored each iterate before its step;
+        # no torch.no_grad: the unrolled objective differentiates inside)
+        final = objective(x.detach()).item()
+        if final < best:
+            best, best_x = final, x.detach().clone()
+    return Descent(best_x, best, steps, stopped)
