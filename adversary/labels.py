@@ -15,8 +15,8 @@ For cross-entropy with a linear head ``z = W h + b`` and one step on a batch of 
   (non-negative ReLU features assumed).
 
 Multi-step updates: ``−Δ/lr`` is a weighted sum of the per-step gradients; the weights follow
-from the public momentum/nesterov setting, and weight decay's contribution (``wd·θ``) is
-removed; every example is assumed to carry the average weight. This is exact for FedSGD and
+from the public momentum/nesterov setting, and weight decay's contribution is removed
+(:func:`adversary.unroll.observed_gradient`); every example is assumed to carry the average weight. This is exact for FedSGD and
 approximate otherwise (the predictions drift during local training).
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from adversary.observation import Observation
+from adversary.unroll import observed_gradient, step_coefficients
 from fedsim.models import build_model
 
 
@@ -41,31 +42,6 @@ def last_layer_names(model: nn.Module, num_classes: int) -> tuple[str, str | Non
     if bias not in params or params[bias].shape != (num_classes,):
         bias = None
     return weight, bias
-
-
-def step_coefficients(num_steps: int, momentum: float, nesterov: bool) -> torch.Tensor:
-    """a_j such that −Δ/lr = Σ_j a_j·(g_j + wd·θ_j) for SGD with momentum (dampening 0)."""
-    j = torch.arange(1, num_steps + 1, dtype=torch.float64)
-    if momentum == 0:
-        return torch.ones(num_steps, dtype=torch.float64)
-    geo = (1 - momentum ** (num_steps - j + 1)) / (1 - momentum)
-    return 1 + momentum * geo if nesterov else geo
-
-
-def observed_gradient(obs: Observation, names: list[str]) -> dict[str, torch.Tensor]:
-    """Estimate of the summed per-step gradient (Σ_j a_j g_j) of tensors ``names`` from Δ.
-
-    Returns ``{name: −Δ/lr − wd·A·θ_t}`` with ``A = Σ_j a_j``; for FedSGD simply ``−Δ/lr``.
-    """
-    tr = obs.training
-    a = step_coefficients(max(obs.num_steps, 1), tr.momentum, tr.nesterov)
-    out = {}
-    for name in names:
-        g = -obs.update[name].double() / tr.lr
-        if tr.weight_decay:
-            g = g - tr.weight_decay * a.sum() * obs.global_state[name].double()
-        out[name] = g
-    return out
 
 
 def _example_weight(obs: Observation, n: int) -> float:

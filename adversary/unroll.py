@@ -16,6 +16,9 @@ BatchNorm layers use batch statistics (train mode); their running statistics, wh
 also uploads, are predicted differentiably as well when ``buffers=True``: per step
 ``r ← (1 − m)·r + m·stat`` with the biased batch mean and the *unbiased* batch variance of the
 layer's input, exactly as ``F.batch_norm`` updates them.
+
+The closed-form side of the same model (:func:`step_coefficients`, :func:`observed_gradient`)
+turns an observed Δ back into a weighted sum of per-step gradients without replaying anything.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from adversary.observation import Observation
 from fedsim.scenario import TrainingSpec
 
 
@@ -153,3 +157,33 @@ def unroll_local_training(model: nn.Module, global_state: dict[str, torch.Tensor
         for key, value in running.items():
             delta[key] = value - buffer_state[key]
     return delta
+
+
+def step_coefficients(num_steps: int, momentum: float, nesterov: bool) -> torch.Tensor:
+    """a_j (K,) float64 such that −Δ/lr = Σ_j a_j·(g_j + wd·θ_j) for K steps of torch SGD with
+    momentum (dampening 0); all 1 without momentum."""
+    j = torch.arange(1, num_steps + 1, dtype=torch.float64)
+    if momentum == 0:
+        return torch.ones(num_steps, dtype=torch.float64)
+    geo = (1 - momentum ** (num_steps - j + 1)) / (1 - momentum)
+    return 1 + momentum * geo if nesterov else geo
+
+
+def observed_gradient(obs: Observation, names: list[str]) -> dict[str, torch.Tensor]:
+    """Σ_j a_j g_j (float64) of the tensors ``names``, estimated from the observed Δ.
+
+    ``−Δ/lr − wd·Σ_j a_j θ_j`` with the parameters of step j approximated by a linear drift,
+    ``θ_j ≈ θ_t + ((j − 1)/K)·Δ``: exact for FedSGD (K = 1, where it is ``−Δ/lr − wd·a_1·θ_t``)
+    and for wd = 0; otherwise the residual is of order ``wd·lr·K·|Δ|``.
+    """
+    tr = obs.training
+    a = step_coefficients(max(obs.num_steps, 1), tr.momentum, tr.nesterov)
+    drift = float((a * torch.arange(len(a), dtype=torch.float64)).sum()) / len(a)
+    out = {}
+    for name in names:
+        delta = obs.update[name].double()
+        g = -delta / tr.lr
+        if tr.weight_decay:
+            g = g - tr.weight_decay * (float(a.sum()) * obs.global_state[name].double() + drift * delta)
+        out[name] = g
+    return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adversary.labels import counts_from_head, recover_labels, step_coefficients
+from adversary.labels import counts_from_head, recover_labels
+from adversary.unroll import step_coefficients
 from fedsim.data import load_data
 from fedsim.scenario import DataSpec, ModelSpec, TrainingSpec
 from helpers import client_update
