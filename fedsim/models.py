@@ -12,10 +12,30 @@ from torch import nn
 from fedsim.scenario import ModelSpec
 
 
-class ConvNet(nn.Module):
-    """Three conv blocks (conv-BN-ReLU, widths w, 2w, 4w; two 2x poolings) then a linear head."""
+def linear_relu_stack(in_features: int, hidden: tuple[int, ...], num_classes: int) -> list[nn.Module]:
+    """Linear-ReLU per hidden width, then a linear output layer (no activation)."""
+    mods: list[nn.Module] = []
+    cin = in_features
+    for h in hidden:
+        mods += [nn.Linear(cin, h), nn.ReLU()]
+        cin = h
+    mods.append(nn.Linear(cin, num_classes))
+    return mods
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+
+def classifier_head(in_features: int, hidden: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The head of a conv model: one ``nn.Linear`` without hidden layers (state keys
+    ``classifier.weight``), else ``nn.Sequential`` of :func:`linear_relu_stack` (``classifier.0``
+    is the first hidden layer: the fully-connected layer SPEAR inverts into features)."""
+    mods = linear_relu_stack(in_features, hidden, num_classes)
+    return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+
+
+class ConvNet(nn.Module):
+    """Three conv blocks (conv-BN-ReLU, widths w, 2w, 4w; a 2x max-pool, then adaptive pooling to
+    4x4) then :func:`classifier_head` (a linear layer, or hidden Linear-ReLU layers ``head`` first)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, head: tuple[int, ...] = ()):
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -25,7 +45,7 @@ class ConvNet(nn.Module):
             nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
             nn.AdaptiveAvgPool2d(4),
         )
-        self.classifier = nn.Linear(4 * w * 16, num_classes)
+        self.classifier = classifier_head(4 * w * 16, head, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
@@ -49,9 +69,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR-style ResNet-18 (3x3 stem, no max-pool), base width ``width`` (64 in the paper)."""
+    """CIFAR-style ResNet-18 (3x3 stem, no max-pool), base width ``width`` (64 in the paper), then
+    :func:`classifier_head`."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 64):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64, head: tuple[int, ...] = ()):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         layers, cin = [], width
@@ -61,7 +82,7 @@ class ResNet18(nn.Module):
             cin = cout
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(cin, num_classes)
+        self.classifier = classifier_head(cin, head, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
@@ -73,13 +94,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (256,)):
         super().__init__()
-        mods: list[nn.Module] = []
-        cin = in_features
-        for h in hidden:
-            mods += [nn.Linear(cin, h), nn.ReLU()]
-            cin = h
-        mods.append(nn.Linear(cin, num_classes))
-        self.layers = nn.Sequential(*mods)
+        self.layers = nn.Sequential(*linear_relu_stack(in_features, hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(torch.flatten(x, 1))
@@ -89,9 +104,9 @@ def build_model(spec: ModelSpec, in_shape: tuple[int, int, int], num_classes: in
     """Instantiate the architecture ``spec`` for inputs of shape ``in_shape`` = (C, H, W)."""
     c, h, w = in_shape
     if spec.name == "convnet":
-        return ConvNet(c, num_classes, spec.width)
+        return ConvNet(c, num_classes, spec.width, spec.head)
     if spec.name == "resnet18":
-        return ResNet18(c, num_classes, spec.width)
+        return ResNet18(c, num_classes, spec.width, spec.head)
     if spec.name == "mlp":
         return MLP(c * h * w, num_classes, spec.hidden)
     raise ValueError(f"unknown model {spec.name!r}")

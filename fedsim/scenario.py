@@ -43,6 +43,7 @@ class ModelSpec:
     name: str = field(default="convnet", metadata={"choices": MODELS})
     width: int = field(default=32, metadata={"min": 1, "doc": "ConvNet base channels / ResNet base width"})
     hidden: tuple[int, ...] = field(default=(256,), metadata={"min": 1, "doc": "MLP hidden widths"})
+    head: tuple[int, ...] = field(default=(), metadata={"min": 1, "doc": "convnet/resnet18: hidden Linear-ReLU widths between the pooled features and the classifier"})
 
 
 @dataclass(frozen=True)
