@@ -65,22 +65,41 @@ break points; the true ``c_j`` are in the intervals whose inactive rows make ``L
 rank-deficient. This finds the hardest (least sparse) directions in milliseconds, where
 sampling would spend about two thirds of its time on the last two.
 
-FedAvg (:func:`spear_fedavg`) and the registered attack (:func:`run`, name ``"spear"``)
-are at the end of the module.
+FedAvg (several local steps)
+----------------------------
+K local SGD steps give ``−Δ/lr = Σ_j a_j (g_j + wd·θ_j)`` (momentum weights ``a_j``);
+:func:`adversary.unroll.observed_gradient` removes the weight-decay part (θ_j by linear
+drift). The remainder's weight part is ``Σ_i u_i x_iᵀ`` with ``u_i = Σ_{j ∋ i} a_j δ_i^(j)/B``:
+still rank n (the distinct examples), and ``u_i`` still vanishes on every neuron example i
+left inactive in *all* its steps. So SPEAR's model holds exactly; what degrades is sparsity
+(a neuron that wakes up in any step is lost as a zero), which makes the search longer and
+mixtures likelier. The ReLU checks need the weights the gradient was taken at, which moved
+after the first step; with full batches the attacker can instead replay the whole local
+training on a candidate batch (``adversary.spear_extensions.replay_checker``), which takes
+the checks' place ("consistent"); with shuffled mini-batches nothing is checked
+("unverified").
+
+The registered attack (:func:`run`, name ``"spear"``) is at the end of the module; images
+from feature-space results and the refinement with the unrolled objective live in
+``adversary.spear_extensions``.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from adversary.labels import recover_labels
+from adversary.attacks.geiping import GeipingParams
+from adversary.matching import num_examples
 from adversary.observation import Observation, Reconstruction
 from adversary.registry import AttackContext, register_attack
+from adversary.spear_extensions import fit_images_to_features, refine_images, replay_checker, slot_labels
+from adversary.unroll import observed_gradient
 from fedsim.models import build_model
 
 
@@ -99,6 +118,11 @@ class SpearParams:
     free_dims: int = field(default=10, metadata={"min": 2, "max": 16, "doc": "K: null-space dimension at a search-tree root (b - K rows solved by QR, K - 1 added by reflections)"})
     endgame: int = field(default=3, metadata={"min": 0, "max": 3, "doc": "complete the last <= endgame directions from the ReLU pattern (needs the layer weights)"})
     layer: str = field(default="", metadata={"doc": "module name of the linear layer to invert; empty = the first nn.Linear"})
+    feature_fit_iterations: int = field(default=0, metadata={"min": 0, "doc": "layer deeper than the image: signed-Adam steps fitting images to the recovered features (0 = report the features only)"})
+    refine_iterations: int = field(default=0, metadata={"min": 0, "doc": "Geiping steps on the unrolled update-matching objective from SPEAR's images (0 = off; skipped when SPEAR verified its result exact)"})
+    refine_lr: float = field(default=0.01, metadata={"gt": 0.0, "doc": "Adam step size of the refinement (signed steps; small: the start is close)"})
+    refine_tv_weight: float = field(default=0.0, metadata={"min": 0.0, "doc": "TV prior of the refinement (Geiping uses 0.01 from random images; SPEAR's start needs none)"})
+    fit_lr: float = field(default=0.1, metadata={"gt": 0.0, "doc": "Adam step size of the feature fit (signed steps, from random images)"})
 
 
 @dataclass
@@ -108,7 +132,8 @@ class SpearResult:
     ``X`` (b×n) the layer inputs, ``delta`` (b×m) the pre-activation gradients ∂L/∂Z,
     both float64 on the CPU, None on failure. ``exact`` is True when every recovered
     input reproduces the observed zero pattern of its δ (None when the weights were not
-    given). ``status`` is "exact", "unverified", "inconsistent" or "failed: ...".
+    given). ``status`` is "exact", "consistent" (a checker, not the weights, passed the
+    batch), "unverified" (nothing to check against), "inconsistent" or "failed: ...".
     """
 
     X: torch.Tensor | None
@@ -122,16 +147,17 @@ class SpearResult:
     found: int
     candidates: int
     endgame_used: bool = False
-    mismatches: int | None = None
+    mismatches: int | None = None  # the check's count summed over the batch
     rejected_mixtures: int = 0
     rejected_unrealisable: int = 0
+    inconsistent: list[int] | None = None  # rows of X the check flagged (None: nothing checked)
 
     def summary(self) -> dict:
         return {"status": self.status, "estimated_batch_size": self.batch_size, "samples": self.samples,
                 "seconds": round(self.seconds, 3), "exact": self.exact, "directions_found": self.found,
                 "candidates": self.candidates, "rejected_mixtures": self.rejected_mixtures,
                 "rejected_unrealisable": self.rejected_unrealisable, "endgame_used": self.endgame_used,
-                "mismatches": self.mismatches}
+                "mismatches": self.mismatches, "inconsistent_examples": self.inconsistent}
 
 
 # ----------------------------------------------------------------------------- rank
@@ -171,7 +197,8 @@ class _Problem:
     """The factored gradient and everything derived from it (float64, CPU)."""
 
     def __init__(self, grad_weight: torch.Tensor, grad_bias: torch.Tensor, b: int,
-                 weight: torch.Tensor | None, bias: torch.Tensor | None, U, S, Vh):
+                 weight: torch.Tensor | None, bias: torch.Tensor | None, U, S, Vh, params: "SpearParams",
+                 checker=None):
         self.m, self.n = grad_weight.shape
         self.b = b
         self.L = U[:, :b] * S[:b]  # (m, b)
@@ -186,13 +213,22 @@ class _Problem:
         self.Lh = self.L[self.live] / norms[self.live].unsqueeze(1)  # unit rows (m_live, b)
         self.m_live = int(self.live.sum())
         # per-entry noise of G: σ_{b+1} ≈ σ_e (√(m−b) + √(n−b)) for i.i.d. rounding noise σ_e; a
-        # unit row's product with a unit q then carries noise ≈ σ_e / |L_r|. row_noise is 5x that:
-        # the floor of the zero tolerance of each row.
+        # unit row's product with a unit q then carries noise ≈ σ_e / |L_r|. The factor L itself
+        # is off by about σ_{b+1}/σ_b (Davis-Kahan: the noise tilts the rank-b subspace), which
+        # dominates for small updates rounded to float32 (Δ of lr 0.01: true zeros measured at
+        # up to 0.13 σ_{b+1}/σ_b, 20x the entry noise). row_noise, the floor of each row's zero
+        # tolerance, is the larger of 5x the entry noise and 0.3 σ_{b+1}/σ_b (higher lets
+        # genuinely small entries pass as zeros).
         m, n = grad_weight.shape
         sigma_e = self.noise / (math.sqrt(max(m - b, 1)) + math.sqrt(max(n - b, 1)))
-        self.row_noise = 5.0 * sigma_e / norms[self.live]
+        tilt = 0.3 * self.noise / float(S[b - 1]) if b >= 1 else 0.0
+        self.row_noise = (5.0 * sigma_e / norms[self.live]).clamp(min=tilt)
+        # the float32 search needs a tolerance above the floor (leaf tests, refit start)
+        self.search_tol = max(params.search_tol, 3.0 * tilt)
+        self.zero_tol = params.zero_tol
         gb = grad_bias.double().reshape(-1, 1)
         self.s = torch.linalg.lstsq(self.L, gb).solution.squeeze(1)  # Q 1 = s
+        self.checker = checker  # per-example consistency of a candidate batch (see spear_invert_linear)
         self.weight = None if weight is None else weight.detach().double().cpu()
         self.bias = None if bias is None else bias.detach().double().cpu()
         if self.weight is not None:
@@ -203,6 +239,13 @@ class _Problem:
 def _zeros(prob: "_Problem", q: torch.Tensor, tol: float) -> torch.Tensor:
     """Zero pattern of the candidate δ = L q over the live rows (per-row noise-aware tolerance)."""
     return (prob.Lh @ q).abs() < prob.row_noise.clamp(min=tol)
+
+
+def _borderline(prob: "_Problem", q: torch.Tensor, tol: float) -> torch.Tensor:
+    """Live rows (m_live,) bool where δ = L q is within a factor 3 of its zero tolerance either
+    way: too close to call, so the ReLU-pattern checks (LP, final check) give them no verdict."""
+    ratio = (prob.Lh @ q).abs() / prob.row_noise.clamp(min=tol)
+    return (ratio > 1 / 3) & (ratio < 3)
 
 
 def _null_direction(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,17 +316,19 @@ def _single_row_support(prob: _Problem, q: torch.Tensor, zeros: torch.Tensor, ze
     return bool((torch.linalg.eigvalsh(down)[:, 0] <= slack).any())
 
 
-def _lp_margin(prob: _Problem, zeros_live: torch.Tensor) -> float:
+def _lp_margin(prob: _Problem, zeros_live: torch.Tensor, borderline_live: torch.Tensor) -> float:
     """Largest margin t such that some input x = c R is inactive exactly on the zero set.
 
     Rows: live rows in the zero set and dead rows (inactive for the whole batch) need
     (M c + bias)_r <= -t |(M_r, bias_r)|, the other live rows >= +t |...|. t <= 1.
+    Borderline live rows (:func:`_borderline`) are left out.
     """
     from scipy.optimize import linprog
 
     inactive = torch.ones(prob.m, dtype=torch.bool)
     inactive[prob.live_idx] = zeros_live
     judged = ~prob.uncertain
+    judged[prob.live_idx] &= ~borderline_live
     sign = torch.where(inactive, 1.0, -1.0).double()[judged]  # constraint: sign*(Mc + beta) + t*norm <= 0
     M, beta = prob.M[judged], prob.beta[judged]
     scale = torch.cat([M, beta.unsqueeze(1)], 1).norm(dim=1).clamp_min(1e-300)
@@ -321,7 +366,7 @@ class _Pool:
         """Refit, filter, deduplicate, check. Returns the accepted candidate (an existing
         one if it is a duplicate) or None when rejected."""
         self.seen += 1
-        fitted = _refit(self.prob, q0, self.params.zero_tol, self.params.search_tol)
+        fitted = _refit(self.prob, q0, self.params.zero_tol, self.prob.search_tol)
         if fitted is None:
             return None
         q, zeros = fitted
@@ -337,7 +382,7 @@ class _Pool:
             return None
         margin = None
         if self.check_lp:
-            margin = _lp_margin(self.prob, zeros)
+            margin = _lp_margin(self.prob, zeros, _borderline(self.prob, q, self.params.zero_tol))
             if margin < -1e-3:  # measured: true patterns reach the cap (1), mixtures -0.1 .. -0.35
                 self.rejected_lp += 1
                 return None
@@ -373,7 +418,7 @@ class _Pool:
                     self.items[k].hits += 1
                 ok &= best < 1 - 1e-5
             if self.min_zeros > 0:
-                zeros = ((q @ prob.Lh.T).abs() < prob.row_noise.clamp(min=self.params.search_tol)).sum(1)
+                zeros = ((q @ prob.Lh.T).abs() < prob.row_noise.clamp(min=prob.search_tol)).sum(1)
                 ok &= zeros >= min(self.min_zeros, prob.m_live) * 0.9
             idx = ok.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -661,22 +706,28 @@ def _assemble(prob: _Problem, chosen: list[_Candidate], zero_tol: float):
     return X, delta
 
 
-def _mismatches(prob: _Problem, X: torch.Tensor, chosen: list[_Candidate]) -> torch.Tensor:
-    """Per recovered example: neurons where the forward pattern disagrees with δ's zero pattern."""
+def _mismatches(prob: _Problem, out: tuple[torch.Tensor, torch.Tensor], chosen: list[_Candidate]) -> torch.Tensor:
+    """Per recovered example (b,) int: the problem's checker on ``out`` = (X, δ) when it has
+    one, else the neurons where the forward pattern disagrees with δ's zero pattern."""
+    X, delta = out
+    if prob.checker is not None:
+        return prob.checker(X, delta)
     z = X @ prob.weight.T + prob.beta  # (b, m)
     zscale = (X.abs() @ prob.weight.abs().T + prob.beta.abs()).clamp_min(1e-300)
     ambiguous = z.abs() <= 1e-5 * zscale  # within rounding of the recovered input: no verdict
     zero_obs = torch.ones(X.shape[0], prob.m, dtype=torch.bool)
     for i, c in enumerate(chosen):
         zero_obs[i, prob.live_idx] = c.zeros
+        ambiguous[i, prob.live_idx] |= _borderline(prob, c.q, prob.zero_tol)
     bad = ((z <= 0) != zero_obs) & ~ambiguous & ~prob.uncertain
     return bad.sum(1)
 
 
-def _select(prob: _Problem, pool: _Pool, check: bool):
-    """Two-stage greedy: most zeros first while independent; then swaps that fix the ReLU check.
+def _select(prob: _Problem, pool: _Pool, check: bool, stop_at: float = math.inf):
+    """Two-stage greedy: most zeros first while independent; then swaps that fix the check
+    (the ReLU pattern, or the problem's checker), until ``stop_at``.
 
-    Without the ReLU check (no layer weights) only directions sampled at least twice are
+    Without any check only directions sampled at least twice are
     eligible: a true direction is reached from many row sets, a spurious one (a mixture
     pinned by one or two rows outside an intersection of zero sets) from very few."""
     items = sorted(pool.items, key=lambda c: -c.count)
@@ -696,7 +747,7 @@ def _select(prob: _Problem, pool: _Pool, check: bool):
     out = _assemble(prob, chosen, pool.params.zero_tol)
     if out is None or not check:
         return chosen, out, None
-    bad = _mismatches(prob, out[0], chosen)
+    bad = _mismatches(prob, out, chosen)
     if int(bad.sum()) == 0 or len(items) == len(chosen):
         return chosen, out, bad
     # stage 2: swap the worst columns for unused candidates while it helps
@@ -708,12 +759,14 @@ def _select(prob: _Problem, pool: _Pool, check: bool):
         for c in items:
             if any(c is x for x in chosen):
                 continue
+            if time.monotonic() > stop_at:  # a checker (replay) can make each swap costly
+                return chosen, out, bad
             trial = list(chosen)
             trial[worst] = c
             o = _assemble(prob, trial, pool.params.zero_tol)
             if o is None:
                 continue
-            tb = _mismatches(prob, o[0], trial)
+            tb = _mismatches(prob, o, trial)
             if int(tb.sum()) < int(bad.sum()):
                 chosen, out, bad, improved = trial, o, tb, True
                 break
@@ -727,6 +780,7 @@ def _select(prob: _Problem, pool: _Pool, check: bool):
 
 def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                        checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                         params: SpearParams | None = None, device: torch.device | str = "cpu",
                         seed: int = 0, deadline: float | None = None,
                         progress=None) -> SpearResult:
@@ -735,7 +789,10 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     ``grad_weight`` (m×n) and ``grad_bias`` (m,) are ∂L/∂W and ∂L/∂b of the batch loss.
     ``weight`` (m×n) and ``bias`` (m,) are the layer's parameters at the time the gradient
     was computed; with them candidates are checked for realisability, the endgame can run
-    and the result is verified against the ReLU pattern. ``deadline`` is a
+    and the result is verified against the ReLU pattern. Without them, ``checker(X, δ)``
+    (per-example inconsistency counts (b,) int64 of a candidate batch) takes the ReLU
+    check's place in the selection, and a batch it passes is "consistent"; multi-step
+    updates use :func:`adversary.spear_extensions.replay_checker`. ``deadline`` is a
     ``time.monotonic()`` value; ``progress(samples, max_samples, directions_found)``.
     """
     params = params or SpearParams()
@@ -751,26 +808,30 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     pool: _Pool | None = None
     samples = 0
 
-    def result(status, X=None, delta=None, exact=None, endgame=False, mism=None) -> SpearResult:
+    def result(status, X=None, delta=None, exact=None, endgame=False, bad=None) -> SpearResult:
         items = len(pool.items) if pool else 0
         return SpearResult(X, delta, b, samples, time.monotonic() - t0, exact, status, svals, items,
-                           pool.seen if pool else 0, endgame, mism,
-                           pool.rejected_mixture if pool else 0, pool.rejected_lp if pool else 0)
+                           pool.seen if pool else 0, endgame, None if bad is None else int(bad.sum()),
+                           pool.rejected_mixture if pool else 0, pool.rejected_lp if pool else 0,
+                           None if bad is None else bad.nonzero().flatten().tolist())
 
     if b == 0:
         return result("failed: zero gradient")
     if b > min(G.shape):
         return result("failed: batch size exceeds the layer dimensions")
-    prob = _Problem(G, grad_bias, b, weight, bias, U, S, Vh)
-    check = prob.weight is not None
+    prob = _Problem(G, grad_bias, b, weight, bias, U, S, Vh, params, checker)
+    relu = prob.weight is not None  # ReLU-pattern check, realisability LP and endgame
+    check = relu or checker is not None
     use_filter = params.sparsity_threshold > 0
-    pool = _Pool(prob, params, use_filter, check_lp=check)
+    pool = _Pool(prob, params, use_filter, check_lp=relu)
 
     def finish(chosen, out, bad, endgame) -> SpearResult:
         X, delta = out
         if check:
-            mism = int(bad.sum())
-            return result("exact" if mism == 0 else "inconsistent", X, delta, mism == 0, endgame, mism)
+            ok = int(bad.sum()) == 0
+            if not relu:
+                return result("consistent" if ok else "inconsistent", X, delta, None, endgame, bad)
+            return result("exact" if ok else "inconsistent", X, delta, ok, endgame, bad)
         return result("unverified", X, delta, None, endgame, None)
 
     if b == 1:
@@ -778,10 +839,10 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
         c = _Candidate(torch.ones(1, dtype=torch.float64), zeros, int(zeros.sum()))
         pool.items.append(c)
         out = _assemble(prob, [c], params.zero_tol)
-        return finish([c], out, _mismatches(prob, out[0], [c]) if check else None, False)
+        return finish([c], out, _mismatches(prob, out, [c]) if check else None, False)
 
     # the float32 search uses the rows whose noise is well below its tolerance
-    search_idx = (prob.row_noise < params.search_tol).nonzero().squeeze(1)
+    search_idx = (prob.row_noise < prob.search_tol).nonzero().squeeze(1)
     shape = _tree_shape(b, len(search_idx), params.free_dims)
     if shape is None:
         return result("failed: too few active neurons for this batch size")
@@ -802,9 +863,9 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
         return len(pool.items), sum(c.hits >= 2 for c in pool.items)
 
     while True:
-        if pool_state() != examined and len(pool.items) >= b - (params.endgame if check else 0):
+        if pool_state() != examined and len(pool.items) >= b - (params.endgame if relu else 0):
             examined = pool_state()
-            chosen, out, bad = _select(prob, pool, check)
+            chosen, out, bad = _select(prob, pool, check, stop_at)
             if out is not None:
                 last_out = (chosen, out, bad)
                 if not check or int(bad.sum()) == 0:
@@ -812,14 +873,14 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
             k = b - len(chosen)
             # k = 3 sweeps ~m² cells (~0.5 s at m = 256): only once sampling has become slow
             k_max = params.endgame if time.monotonic() - t0 > 2.0 else min(params.endgame, 2)
-            if check and 1 <= k <= k_max and {id(c) for c in chosen} != endgame_for:
+            if relu and 1 <= k <= k_max and {id(c) for c in chosen} != endgame_for:
                 endgame_for = {id(c) for c in chosen}
                 extra = _endgame(prob, pool, chosen)
                 if len(extra) == k:
                     trial = chosen + extra
                     o = _assemble(prob, trial, params.zero_tol)
                     if o is not None:
-                        tb = _mismatches(prob, o[0], trial)
+                        tb = _mismatches(prob, o, trial)
                         if int(tb.sum()) == 0:
                             return finish(trial, o, tb, True)
                 examined = pool_state()
@@ -832,62 +893,14 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
             status = f"failed: budget exhausted ({exhausted})"
             if last_out is not None:  # b directions but not consistent: report them, flagged
                 chosen, (X, delta), bad = last_out
-                return result(status, X, delta, False, False, int(bad.sum()))
+                return result(status, X, delta, False if relu else None, False, bad)
             return result(status)
-        leaves, rows = _search_round(Lh_search, shape, n_roots, params.search_tol, min_leaf, gen)
+        leaves, rows = _search_round(Lh_search, shape, n_roots, prob.search_tol, min_leaf, gen)
         samples += leaves
         pool.offer_rows(search_idx[rows.cpu()], stop_at)
         n_roots = min(2 * n_roots, max_roots)
         if progress is not None:
             progress(samples, params.max_samples, len(pool.items))
-
-
-# ----------------------------------------------------------------------------- FedAvg extension
-
-
-def fedavg_step_weights(steps: int, momentum: float = 0.0, nesterov: bool = False) -> torch.Tensor:
-    """a_j with −Δ/lr = Σ_j a_j (g_j + wd·θ_j) for K steps of torch SGD (dampening 0)."""
-    j = torch.arange(1, steps + 1, dtype=torch.float64)
-    if momentum == 0.0:
-        return torch.ones(steps, dtype=torch.float64)
-    geo = (1 - momentum ** (steps - j + 1)) / (1 - momentum)
-    return 1 + momentum * geo if nesterov else geo
-
-
-def spear_fedavg(update_weight: torch.Tensor, update_bias: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor, *, lr: float, steps: int, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0, params: SpearParams | None = None, verify: bool = False,
-                 device: torch.device | str = "cpu", seed: int = 0, deadline: float | None = None,
-                 progress=None) -> SpearResult:
-    """SPEAR on a multi-step (FedAvg) update of one linear+ReLU layer: candidate inputs.
-
-    ``update_*`` is Δ = θ' − θ_t of the layer after ``steps`` local SGD steps, ``weight``/
-    ``bias`` are θ_t. For SGD with momentum, ``−Δ/lr = Σ_j a_j (g_j + wd·θ_j)``
-    (:func:`fedavg_step_weights`). The weight-decay term is removed with the first-order
-    approximation ``θ_j ≈ θ_t + ((j − 1)/K)·Δ`` (parameters drift linearly during local
-    training), which is exact for wd = 0 and leaves a residual of order
-    ``wd·lr·K·|Δ|`` otherwise. The remainder ``Σ_j a_j g_j`` is, per example, a sum of
-    gradients at different θ_j: when every example is used in one step only (one epoch,
-    disjoint batches) and wd = 0 it is exactly ``Σ_i (a_j(i) δ_i) x_iᵀ`` — rank n, each
-    column sparse — so SPEAR recovers the n distinct inputs exactly (per-step scales
-    cancel like the batch-mean 1/b). Across epochs an example's activation pattern
-    changes between steps and the zero sets are only approximate.
-
-    The ReLU realisability/consistency checks and the endgame use θ_t, which the client
-    left after the first step, so by default (``verify=False``) they are off and the
-    result is "unverified": the candidates are the most-zero independent directions.
-    """
-    a = fedavg_step_weights(max(steps, 1), momentum, nesterov)
-    dw = update_weight.detach().double().cpu()
-    db = update_bias.detach().double().cpu()
-    gw = -dw / lr
-    gb = -db / lr
-    if weight_decay:
-        drift = float((a * (torch.arange(len(a), dtype=torch.float64) / len(a))).sum())
-        gw = gw - weight_decay * (a.sum() * weight.detach().double().cpu() + drift * dw)
-        gb = gb - weight_decay * (a.sum() * bias.detach().double().cpu() + drift * db)
-    return spear_invert_linear(gw, gb, weight=weight if verify else None, bias=bias if verify else None,
-                               params=params, device=device, seed=seed, deadline=deadline, progress=progress)
 
 
 # ----------------------------------------------------------------------------- registered attack
@@ -921,24 +934,6 @@ def _layer_role(model: nn.Module, layer: nn.Module, shape: tuple[int, int, int])
     return image, out.shape == logits.shape and torch.equal(out, logits)
 
 
-def layer_gradients(obs: Observation, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """∂L/∂W, ∂L/∂b of layer ``name`` from a one-step (FedSGD) update, up to a common factor.
-
-    torch SGD: Δ = −lr·c·(g + wd·θ_t) with c = 1 + momentum for nesterov, else 1. SPEAR's
-    X is invariant to a common scale of both gradients, so only the weight decay matters.
-    """
-    tr = obs.training
-    out = []
-    for key in (f"{name}.weight", f"{name}.bias"):
-        g = -obs.update[key].double() / tr.lr
-        if tr.nesterov:
-            g = g / (1.0 + tr.momentum)
-        if tr.weight_decay:
-            g = g - tr.weight_decay * obs.global_state[key].double()
-        out.append(g)
-    return out[0], out[1]
-
-
 @dataclass
 class LayerInversion:
     """:func:`invert_observation`'s answer: the attacked layer, SPEAR's result and whether the
@@ -948,6 +943,7 @@ class LayerInversion:
     result: SpearResult | None
     image_space: bool
     gradient: torch.Tensor | None  # the ∂L/∂W estimate that was inverted
+    model: nn.Module  # the architecture holding θ_t
     status: str = ""
 
 
@@ -959,10 +955,10 @@ def invert_observation(obs: Observation, params: SpearParams, ctx: AttackContext
     name, layer = find_linear(model, params.layer)
     image_space, is_output = _layer_role(model, layer, shape)
     if is_output:
-        return LayerInversion(name, None, image_space, None,
+        return LayerInversion(name, None, image_space, None, model,
                               "failed: the layer is the output layer (no ReLU after it); choose a hidden layer")
     if layer.bias is None:
-        return LayerInversion(name, None, image_space, None,
+        return LayerInversion(name, None, image_space, None, model,
                               "failed: the layer has no bias (SPEAR fixes the scales from the bias gradient)")
     weight = obs.global_state[f"{name}.weight"]
     bias = obs.global_state[f"{name}.bias"]
@@ -970,26 +966,29 @@ def invert_observation(obs: Observation, params: SpearParams, ctx: AttackContext
     def progress(samples: int, total: int, found: int) -> None:
         ctx.report(samples, total, float(found))
 
-    common = dict(params=params, device=ctx.device, seed=ctx.seed, deadline=ctx.deadline, progress=progress)
-    if obs.num_steps <= 1:
-        gw, gb = layer_gradients(obs, name)
-        res = spear_invert_linear(gw, gb, weight=weight, bias=bias, **common)
-    else:
-        tr = obs.training
-        res = spear_fedavg(obs.update[f"{name}.weight"], obs.update[f"{name}.bias"], weight, bias,
-                           lr=tr.lr, steps=obs.num_steps, momentum=tr.momentum, nesterov=tr.nesterov,
-                           weight_decay=tr.weight_decay, **common)
-        gw = -obs.update[f"{name}.weight"].double() / tr.lr
-    return LayerInversion(name, res, image_space, gw, res.status)
+    # Σ_j a_j g_j of the layer; for FedSGD the gradient itself up to a common factor, which X ignores
+    grads = observed_gradient(obs, [f"{name}.weight", f"{name}.bias"])
+    gw, gb = grads[f"{name}.weight"], grads[f"{name}.bias"]
+    one_step = obs.num_steps <= 1  # the ReLU checks need the weights the gradient was taken at
+    # several full-batch steps on the image-fed layer: replay the local training instead
+    replay = not one_step and image_space and obs.training.batch_size >= obs.num_distinct_examples
+    res = spear_invert_linear(gw, gb, weight=weight if one_step else None, bias=bias if one_step else None,
+                              checker=replay_checker(obs, model, name) if replay else None, params=params, device=ctx.device, seed=ctx.seed, deadline=ctx.deadline,
+                              progress=progress)
+    return LayerInversion(name, res, image_space, gw, model, res.status)
 
 
 @register_attack("spear", SpearParams)
 def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruction:
-    """SPEAR on the observed update. For a layer fed by the image (the MLP's first layer)
-    the inputs are the images (b, C, H, W), normalised; for a deeper layer no images are
-    returned and ``extras`` reports the feature-space result (use :func:`invert_observation`
-    for the feature vectors). Multi-step updates go through :func:`spear_fedavg`.
-    Labels: SPEAR needs none; the reported ones come from the last layer (adversary.labels)."""
+    """SPEAR on the observed update, then (optionally) images from its result.
+
+    For a layer fed by the image (the MLP's first layer) the recovered inputs are the images
+    (b, C, H, W), normalised. For a deeper layer SPEAR recovers that layer's input features
+    (``extras``: count and dimension; :func:`invert_observation` returns them); with
+    ``feature_fit_iterations`` images are fitted to them. ``refine_iterations`` then descends
+    Geiping's unrolled update-matching objective from those images
+    (``adversary.spear_extensions``). Labels: SPEAR needs none; each recovered example's label is
+    read from its own ∂L/∂Z through the layers after the attacked one."""
     shape = tuple(obs.domain.shape)
     inv = invert_observation(obs, params, ctx)
     extras: dict = {"layer": inv.layer, "num_steps": obs.num_steps, "feature_space": not inv.image_space,
@@ -1000,15 +999,36 @@ def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruc
         extras["status"] = inv.status
         return Reconstruction(inputs, None, 0, float("nan"), extras)
     extras.update(res.summary())
-    objective = float("nan")
-    if res.X is not None and not res.status.startswith("failed"):
-        G = inv.gradient.double()
-        objective = float((G - res.delta.T @ res.X).norm() / G.norm().clamp_min(1e-300))
-        if inv.image_space:
-            inputs = res.X.reshape(-1, *shape).float()
+    if res.X is None:  # not even an inconsistent batch of b directions
+        return Reconstruction(inputs, None, res.samples, float("nan"), extras)
+    G = inv.gradient.double()
+    objective = float((G - res.delta.T @ res.X).norm() / G.norm().clamp_min(1e-300))
+    layer = inv.model.get_submodule(inv.layer)
+    labels = slot_labels(inv.model, layer, res.X, res.delta, shape)
+    iterations = res.samples
+    if inv.image_space:
+        inputs = res.X.reshape(-1, *shape).float()
+    else:
+        extras["features_recovered"] = int(res.X.shape[0])
+        extras["feature_dim"] = int(res.X.shape[1])
+        if params.feature_fit_iterations:
+            start = torch.randn((len(res.X), *shape), generator=torch.Generator().manual_seed(ctx.seed))
+            fit = fit_images_to_features(obs, inv.model, layer, res.X, start, iterations=params.feature_fit_iterations,
+                                         lr=params.fit_lr, tv_weight=GeipingParams.tv_weight, deadline=ctx.deadline)
+            inputs, iterations = fit.inputs, iterations + fit.steps
+            extras["feature_fit_objective"] = fit.objective
+    # refine what the check flagged (everything when nothing could be checked); exact stays exact
+    movable = torch.ones(len(inputs), dtype=torch.bool)
+    if res.inconsistent is not None and inv.image_space:
+        movable = torch.zeros(len(inputs), dtype=torch.bool)
+        movable[res.inconsistent] = True
+    if params.refine_iterations and len(inputs) and movable.any():
+        if num_examples(obs) != len(inputs):
+            extras["refine"] = f"skipped: SPEAR found {len(inputs)} examples, the update reports {num_examples(obs)}"
         else:
-            extras["features_recovered"] = int(res.X.shape[0])
-            extras["feature_dim"] = int(res.X.shape[1])
-    # SPEAR needs no labels; for completeness report the last layer's label recovery
-    labels = recover_labels(obs, len(inputs)) if len(inputs) else None
-    return Reconstruction(inputs, labels, res.samples, objective, extras)
+            refined = refine_images(obs, inputs, labels, iterations=params.refine_iterations, lr=params.refine_lr,
+                                    tv_weight=params.refine_tv_weight, bn_weight=GeipingParams.bn_weight,
+                                    device=ctx.device, movable=movable, deadline=ctx.deadline)
+            inputs, iterations = refined.inputs.cpu(), iterations + refined.steps
+            extras["refine"] = f"{int(movable.sum())} images, {refined.steps} steps, objective {refined.objective:.4g}"
+    return Reconstruction(inputs, labels if len(inputs) else None, iterations, objective, extras)
