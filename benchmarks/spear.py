@@ -17,7 +17,11 @@ ground-truth activation pattern).
 
     python benchmarks/spear.py --sizes 8 16 20 25 --batches 10 --budget 120 --out spear.json
 
-``--fedavg`` adds a small multi-step (FedAvg) measurement of :func:`spear_fedavg`.
+``--fedavg`` adds the FedAvg sweep (``scenarios/spear_fedavg.toml``: 8 images per client,
+full-batch local epochs K with momentum and weight decay): SPEAR, SPEAR + refinement with the
+unrolled-training objective, and Geiping with unrolling, on the same updates, per K and lr:
+
+    python benchmarks/spear.py --sizes --fedavg --steps 1 2 5 10 --lrs 0.01 0.1 --clients 3 --out fedavg.json
 Timings depend on the machine; the JSON records its CPU count and torch threads.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +42,17 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from scipy.special import gammaln
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from adversary.attacks.spear import SpearParams, spear_fedavg, spear_invert_linear  # noqa: E402
+from adversary.attacks.spear import SpearParams, spear_invert_linear  # noqa: E402
+from adversary.execution import plan_jobs, run_job  # noqa: E402
+from adversary.registry import resolve_attack_params  # noqa: E402
 from fedsim.data import load_data  # noqa: E402
-from fedsim.models import MLP, state_to_tensors  # noqa: E402
-from fedsim.scenario import DataSpec  # noqa: E402
+from fedsim.models import MLP  # noqa: E402
+from fedsim.scenario import DataSpec, Scenario  # noqa: E402
+from fedsim.single_shot import observe_first_update  # noqa: E402
+from server.setup import validate_scenario  # noqa: E402
 
 EXACT_TOL = 1e-4
 
@@ -95,26 +105,73 @@ def one_batch(pool_x, pool_y, b: int, seed: int, budget: float, device: str = "c
             "min_zero_fraction": min(zero_counts) / live}
 
 
-def fedavg_batch(pool_x, pool_y, steps: int, batch: int, wd: float, seed: int, budget: float) -> dict:
-    n = steps * batch
-    idx = torch.randperm(len(pool_x), generator=torch.Generator().manual_seed(10_000 + seed))[:n]
-    x, y = pool_x[idx], pool_y[idx]
-    torch.manual_seed(seed)
-    model = MLP(3 * 32 * 32, 10, (256,))
-    theta = state_to_tensors(model)
-    lr, momentum = 0.05, 0.9
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    for s in range(steps):  # one epoch over disjoint batches, as a client does
-        opt.zero_grad()
-        F.cross_entropy(model(x[s * batch:(s + 1) * batch]), y[s * batch:(s + 1) * batch]).backward()
-        opt.step()
-    after = state_to_tensors(model)
-    res = spear_fedavg(after["layers.0.weight"] - theta["layers.0.weight"], after["layers.0.bias"] - theta["layers.0.bias"],
-                       theta["layers.0.weight"], theta["layers.0.bias"], lr=lr, steps=steps, momentum=momentum,
-                       weight_decay=wd, seed=seed, params=SpearParams(time_budget_s=budget))
-    err = matched_error(res.X, x)
-    return {"steps": steps, "batch": batch, "weight_decay": wd, "seed": seed, **res.summary(),
-            "max_abs_error": err if math.isfinite(err) else None, "within_tol": bool(err <= EXACT_TOL)}
+def compare_on_clients(scenario: Scenario, params: dict, clients: int, device: str, tags: dict,
+                       on_record) -> None:
+    """SPEAR without and with its image stage (refinement / feature fit as the scenario's
+    ``[attack.spear]`` says), and the scenario's other attacks, on the round-1 updates of
+    clients 0..clients-1 (real client training; attacks and scoring by ``run_job``)."""
+    if clients > scenario.federation.num_clients:
+        raise SystemExit(f"{scenario.source}: --clients {clients} exceeds federation.num_clients "
+                         f"({scenario.federation.num_clients})")
+    splits = load_data(scenario.data, scenario.seed)
+    for client in range(clients):
+        observation, truth = observe_first_update(scenario, splits, client)
+        jobs = plan_jobs(scenario, params, observation, truth, 0)
+        spear_job = next(j for j in jobs if j.attack == "spear")
+        bare = replace(spear_job.params, refine_iterations=0, feature_fit_iterations=0)
+        variants = [("spear", replace(spear_job, params=bare)), ("spear+images", spear_job)]
+        variants += [(j.attack, j) for j in jobs if j.attack != "spear"]
+        for label, job in variants:
+            outcome = run_job(job, torch.device(device), lpips=None)
+            record = outcome.record.to_dict()
+            psnr = record["psnr"] or [None] * len(truth.inputs)  # nothing recovered
+            on_record({**tags, "method": label, "client": client, "status": record["status"],
+                       "attack_status": record["extras"].get("status"), "psnr": psnr,
+                       "psnr_mean": record["psnr_mean"], "label_acc": record["label_acc"],
+                       "iterations": record["iterations"], "seconds": record["seconds"], "error": record["error"],
+                       "extras": record["extras"], "exact_images": exact_images(outcome, observation.domain)})
+
+
+def local_steps_variant(base: Scenario, steps: int, lr: float, batch_size: int = 0) -> Scenario:
+    """``base`` with exactly ``steps`` local steps of batch ``batch_size`` (0: the scenario's) at
+    ``lr``: as many epochs over the client's examples as the steps need, capped at ``steps``."""
+    batch = batch_size or base.training.batch_size
+    per_epoch = math.ceil(base.data.examples_per_client / batch)
+    training = replace(base.training, batch_size=batch, lr=lr, epochs=math.ceil(steps / per_epoch), max_steps=steps)
+    return replace(base, training=training)
+
+
+def scenario_params(path: Path, geiping_iterations: int | None) -> tuple[Scenario, dict]:
+    scenario = validate_scenario(path)
+    params = resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
+    if geiping_iterations is not None:
+        params["geiping"] = replace(params["geiping"], iterations=geiping_iterations)
+    return scenario, params
+
+
+def exact_images(outcome, domain) -> int:
+    """Images recovered within EXACT_TOL (max abs, normalised space) after the scorer's matching."""
+    if outcome.recon_unit is None:
+        return 0
+    err = (domain.normalise(outcome.recon_unit) - domain.normalise(outcome.truth_unit)).abs().flatten(1).amax(1)
+    return int((err <= EXACT_TOL).sum())
+
+
+def comparison_table(records: list[dict], keys: tuple[str, ...]) -> str:
+    """One row per value of ``keys``, one cell per method: median PSNR over all images (an image
+    an attack did not return counts as 0 dB) and the exact images."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    lines = ["| " + " | ".join(keys) + " | " + " | ".join(f"{m}: median PSNR (exact)" for m in methods) + " |",
+             "|" + "---|" * (len(keys) + len(methods))]
+    for key in dict.fromkeys(tuple(r[k] for k in keys) for r in records):
+        cells = []
+        for m in methods:
+            rs = [r for r in records if r["method"] == m and tuple(r[k] for k in keys) == key]
+            psnrs = [p if p is not None else 0.0 for r in rs for p in r["psnr"]]
+            cells.append(f"{statistics.median(psnrs):.1f} dB ({sum(r['exact_images'] for r in rs)}/{len(psnrs)})")
+        lines.append("| " + " | ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in key) + " | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarise(runs: list[dict], batches: int) -> list[dict]:
@@ -147,11 +204,19 @@ def table(summary: list[dict], budget: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 20, 25])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[8, 16, 20, 25], help="FedSGD batch sizes (none: skip)")
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--budget", type=float, default=120.0, help="seconds per batch")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: with other jobs on the cores, more threads are much slower)")
-    ap.add_argument("--fedavg", action="store_true", help="also measure the FedAvg extension")
+    ap.add_argument("--fedavg", action="store_true", help="also run the FedAvg sweep (scenarios/spear_fedavg.toml)")
+    ap.add_argument("--fedavg-scenario", type=Path, default=ROOT / "scenarios" / "spear_fedavg.toml")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10], help="FedAvg: local steps K (full-batch epochs)")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.1], help="FedAvg: local learning rates")
+    ap.add_argument("--batch-size", type=int, default=0, help="FedAvg: local batch size (0: the scenario's full batch)")
+    ap.add_argument("--clients", type=int, default=3, help="FedAvg / features: clients attacked per setting")
+    ap.add_argument("--features", action="store_true", help="also run SPEAR as a seed for images from a conv model's features")
+    ap.add_argument("--features-scenario", type=Path, default=ROOT / "scenarios" / "spear_convnet_features.toml")
+    ap.add_argument("--geiping-iterations", type=int, default=None, help="override the scenarios' Geiping iterations")
     ap.add_argument("--device", default="cpu", help="where the search runs (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -160,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "cuda": torch.cuda.is_available(),
                "note": "shared machine: other jobs ran concurrently, timings are indicative"}
-    splits = load_data(DataSpec(), 0)
     runs: list[dict] = []
     fed: list[dict] = []
     report = {"machine": machine, "setting": "MLP 3x32x32-256-ReLU-10, default init, FedSGD, batch-mean CE, embedded photos",
@@ -171,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             report["summary"] = summarise(runs, args.batches) if runs else []
             args.out.write_text(json.dumps(report, indent=1))
 
+    if args.sizes:
+        splits = load_data(DataSpec(), 0)
     for b in args.sizes:
         for seed in range(args.batches):
             r = one_batch(splits.train_x, splits.train_y, b, seed, args.budget, args.device)
@@ -178,24 +244,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"b={b} seed={seed}: {r['status']} {r['seconds']:.1f}s samples={r['samples']:.3g} "
                   f"err={r['max_abs_error']}", flush=True)
             save()
+    def on_record(row: dict) -> None:
+        fed.append(row)
+        psnr = statistics.median(p or 0.0 for p in row["psnr"])
+        setting = ", ".join(f"{k}={row[k]}" for k in ("scenario", "batch", "lr", "steps") if k in row)
+        print(f"{setting} client {row['client']} {row['method']}: {row['attack_status'] or row['status']} "
+              f"PSNR median {psnr:.1f} exact {row['exact_images']} ({row['seconds']} s)", flush=True)
+        save()
+
     if args.fedavg:
-        for wd in (0.0, 5e-4):
-            for seed in range(min(args.batches, 5)):
-                r = fedavg_batch(splits.train_x, splits.train_y, 2, 4, wd, seed, args.budget)
-                fed.append(r)
-                print(f"fedavg 2x4 wd={wd} seed={seed}: {r['status']} b_est={r['estimated_batch_size']} "
-                      f"err={r['max_abs_error']}", flush=True)
-                save()
+        base, params = scenario_params(args.fedavg_scenario, args.geiping_iterations)
+        for lr in args.lrs:
+            for k in args.steps:
+                compare_on_clients(local_steps_variant(base, k, lr, args.batch_size), params, args.clients,
+                                   args.device, {"scenario": base.name, "batch": args.batch_size or
+                                                 base.training.batch_size, "lr": lr, "steps": k}, on_record)
+    if args.features:
+        base, params = scenario_params(args.features_scenario, args.geiping_iterations)
+        compare_on_clients(base, params, args.clients, args.device, {"scenario": base.name}, on_record)
     save()
-    print()
-    print(table(summarise(runs, args.batches), args.budget))
-    print(f"\nMachine: {machine['cpus']} CPUs, torch threads {machine['torch_threads']}, {machine['platform']}; {machine['note']}.")
-    if fed:
-        print("\n| FedAvg (2 steps x 4, momentum 0.9) | within 1e-4 | median error |\n|---|---|---|")
-        for wd in (0.0, 5e-4):
-            rs = [r for r in fed if r["weight_decay"] == wd]
-            errs = [r["max_abs_error"] if r["max_abs_error"] is not None else math.inf for r in rs]
-            print(f"| wd = {wd:g} | {sum(r['within_tol'] for r in rs)}/{len(rs)} | {statistics.median(errs):.2g} |")
+    if runs:
+        print()
+        print(table(summarise(runs, args.batches), args.budget))
+        print(f"\nMachine: {machine['cpus']} CPUs, torch threads {machine['torch_threads']}, {machine['platform']}; {machine['note']}.")
+    for name in dict.fromkeys(r["scenario"] for r in fed):
+        rows = [r for r in fed if r["scenario"] == name]
+        print(f"\n{name}\n" + comparison_table(rows, ("batch", "lr", "steps") if "steps" in rows[0] else ("scenario",)))
     return 0
 
 
