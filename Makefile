@@ -27,6 +27,9 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/geiping.py
 	$(PY) benchmarks/spear.py
+	$(PY) benchmarks/spear.py --sizes --fedavg --lrs 0.01 0.1 --clients 8 --geiping-iterations 1000
+	$(PY) benchmarks/spear.py --sizes --fedavg --batch-size 4 --lrs 0.01 0.1 --clients 4 --geiping-iterations 1000
+	$(PY) benchmarks/spear.py --sizes --features --clients 4
 
 clean:
 	rm -rf runs .pytest_cache

@@ -106,7 +106,7 @@ def one_batch(pool_x, pool_y, b: int, seed: int, budget: float, device: str = "c
 
 
 def compare_on_clients(scenario: Scenario, params: dict, clients: int, device: str, tags: dict,
-                       on_record) -> None:
+                       on_record, with_baselines: bool = True) -> None:
     """SPEAR without and with its image stage (refinement / feature fit as the scenario's
     ``[attack.spear]`` says), and the scenario's other attacks, on the round-1 updates of
     clients 0..clients-1 (real client training; attacks and scoring by ``run_job``)."""
@@ -120,7 +120,8 @@ def compare_on_clients(scenario: Scenario, params: dict, clients: int, device: s
         spear_job = next(j for j in jobs if j.attack == "spear")
         bare = replace(spear_job.params, refine_iterations=0, feature_fit_iterations=0)
         variants = [("spear", replace(spear_job, params=bare)), ("spear+images", spear_job)]
-        variants += [(j.attack, j) for j in jobs if j.attack != "spear"]
+        if with_baselines:
+            variants += [(j.attack, j) for j in jobs if j.attack != "spear"]
         for label, job in variants:
             outcome = run_job(job, torch.device(device), lpips=None)
             record = outcome.record.to_dict()
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", action="store_true", help="also run SPEAR as a seed for images from a conv model's features")
     ap.add_argument("--features-scenario", type=Path, default=ROOT / "scenarios" / "spear_convnet_features.toml")
     ap.add_argument("--geiping-iterations", type=int, default=None, help="override the scenarios' Geiping iterations")
+    ap.add_argument("--spear-only", action="store_true", help="FedAvg / features: skip the scenarios' other attacks")
     ap.add_argument("--device", default="cpu", help="where the search runs (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -258,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
             for k in args.steps:
                 compare_on_clients(local_steps_variant(base, k, lr, args.batch_size), params, args.clients,
                                    args.device, {"scenario": base.name, "batch": args.batch_size or
-                                                 base.training.batch_size, "lr": lr, "steps": k}, on_record)
+                                                 base.training.batch_size, "lr": lr, "steps": k}, on_record,
+                                   not args.spear_only)
     if args.features:
         base, params = scenario_params(args.features_scenario, args.geiping_iterations)
-        compare_on_clients(base, params, args.clients, args.device, {"scenario": base.name}, on_record)
+        compare_on_clients(base, params, args.clients, args.device, {"scenario": base.name}, on_record,
+                           not args.spear_only)
     save()
     if runs:
         print()

@@ -341,7 +341,7 @@ def test_refinement_repairs_only_the_flagged_images(photos):
                       device=torch.device("cpu"), movable=movable)
     after = psnr(domain.to_unit(d.inputs), domain.to_unit(x))
     assert torch.equal(d.inputs[~movable], start[~movable])
-    assert bool((after[movable] > before[movable] + 8.0).all()), (before, after)  # measured +12..15 dB
+    assert bool((after[movable] > before[movable] + 12.0).all()), (before, after)  # measured +43 and +17 dB
 
 
 def test_convnet_head_features_seed_images(photos):
