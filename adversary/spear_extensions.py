@@ -13,9 +13,10 @@ inputs X (n×d) of every example and their pre-activation gradients δ (n×m):
   steps (momentum weights a_j), not one gradient, and the ReLU check at θ_t does not apply.
   With full batches every step uses every example, so the attacker can replay the whole
   local training on a candidate batch (known θ_t, lr, momentum, weight decay) and compare
-  each example's replayed column with its δ_i: relative error ~1e-5 for the true batch
-  (weight-decay drift, float32), 1e-3 .. 1 for a batch with a spurious direction (measured on
-  8 photos, 5 epochs, lr 0.01 and 0.1). Mini-batches are shuffled by the client: no replay.
+  each example's replayed column with its δ_i: relative error 1e-6 .. 2e-4 for the true batch
+  (weight-decay drift, float32), 1.6e-3 .. 1 for a batch with a spurious direction (measured
+  on 8 photos, 5-10 epochs, lr 0.01 and 0.1). Mini-batches are shuffled by the client: no
+  replay.
 - :func:`fit_images_to_features`: for a layer deeper than the image (e.g. the first hidden
   layer of a conv model's head), images whose input to that layer matches the recovered
   features (relative L2 + TV), the model run in train mode on the whole batch as the client did.
