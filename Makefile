@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo runs/demo_attack
 	$(VENV)/bin/fedsim run scenarios/quickstart.toml --out runs/demo
 	$(VENV)/bin/fedsim run scenarios/quickstart_attack.toml --out runs/demo_attack
 

@@ -111,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
     from fedsim.data import DataError
+    from fedsim.rundir import RunDirectoryError
 
     try:
         return args.func(args)
-    except (ScenarioError, UserError, DataError) as exc:
+    except (ScenarioError, UserError, DataError, RunDirectoryError) as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

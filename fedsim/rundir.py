@@ -46,6 +46,10 @@ def environment(device: str) -> dict[str, Any]:
             "git_revision": _git_revision(), "device": device}
 
 
+class RunDirectoryError(Exception):
+    """The run directory asked for cannot take a new run (one line for the CLI)."""
+
+
 class RunDirectory:
     """Append-only writer for one run's outputs (thread-safe appends)."""
 
@@ -53,6 +57,16 @@ class RunDirectory:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, path: str | Path) -> "RunDirectory":
+        """The directory of a new run. One that already holds records is refused: appending
+        would mix two runs, overwriting would lose one."""
+        taken = [name for name in (ROUNDS, LEAKAGE) if (Path(path) / name).exists()]
+        if taken:
+            raise RunDirectoryError(f"{path} already holds a run ({', '.join(taken)}); "
+                                    "choose another --out or remove that directory")
+        return cls(path)
 
     def write_setup(self, scenario: Scenario, device: str) -> None:
         (self.path / "scenario.toml").write_text(tomli_w.dumps(scenario_to_table(scenario)))

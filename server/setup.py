@@ -79,7 +79,7 @@ def prepare_server_setup(scenario_path: str | Path, out: str | Path | None = Non
     device = pick_device(scenario)
     splits = load_data(scenario.data, scenario.seed)  # fails here, before any round, if data is missing
     check_partition(scenario, splits)
-    run_dir = RunDirectory(out or default_run_dir(scenario))
+    run_dir = RunDirectory.create(out or default_run_dir(scenario))
     run_dir.write_setup(scenario, str(device))
     text = tomli_w.dumps(scenario_to_table(scenario))
     sink = make_sink(scenario, run_dir, ray_address, show_progress) if with_sink else RecordingSink()

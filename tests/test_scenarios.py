@@ -77,3 +77,16 @@ def test_attack_subtables_become_params():
     s = parse_scenario({"attack": {"attacks": [], "geiping": {"iterations": 10}}})
     assert s.attack.params == {"geiping": {"iterations": 10}}
     assert load_scenario(ROOT / "scenarios" / "quickstart.toml").name == "quickstart"
+
+
+def test_a_run_directory_holding_a_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "rounds.jsonl").write_text('{"round": 1}\n')
+    path = tmp_path / "s.toml"
+    path.write_text("")
+    code = main(["run", str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(out) in err and "already holds a run (rounds.jsonl)" in err
+    assert (out / "rounds.jsonl").read_text() == '{"round": 1}\n'  # nothing appended or lost
