@@ -21,7 +21,12 @@ ground-truth activation pattern).
 full-batch local epochs K with momentum and weight decay): SPEAR, SPEAR + refinement with the
 unrolled-training objective, and Geiping with unrolling, on the same updates, per K and lr:
 
-    python benchmarks/spear.py --sizes --fedavg --steps 1 2 5 10 --lrs 0.01 0.1 --clients 3 --out fedavg.json
+    python benchmarks/spear.py --sizes --fedavg --lrs 0.01 0.1 --clients 8 --geiping-iterations 1000
+    python benchmarks/spear.py --sizes --fedavg --batch-size 4 --lrs 0.01 0.1 --clients 4 --geiping-iterations 1000
+
+``--features`` runs SPEAR as a seed for images on a conv model's head
+(``scenarios/spear_convnet_features.toml``) against Geiping; ``--spear-only`` skips the
+baselines in both modes.
 Timings depend on the machine; the JSON records its CPU count and torch threads.
 """
 from __future__ import annotations
