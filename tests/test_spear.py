@@ -79,6 +79,15 @@ def _mlp_gradients(x: torch.Tensor, y: torch.Tensor, num_classes: int, hidden: i
     return model, gw, gb
 
 
+def _gaussian_gradients(b: int, dim: int, classes: int, hidden: int, seed: int):
+    """Gradients of an MLP (dim -> hidden -> classes) on b Gaussian inputs with random labels:
+    the inputs, the model and its first layer's ∂L/∂W, ∂L/∂b."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, dim, generator=gen)
+    y = torch.randint(0, classes, (b,), generator=gen)
+    return (x, *_mlp_gradients(x, y, classes, hidden=hidden, seed=seed))
+
+
 def _matched_error(X: torch.Tensor, truth: torch.Tensor) -> float:
     """Max abs error after optimal matching of rows; inf if the counts differ."""
     X = X.double().flatten(1)
@@ -92,13 +101,19 @@ def _matched_error(X: torch.Tensor, truth: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- exact recovery
 
 
-@pytest.mark.parametrize("b,seed", [(4, 0), (8, 1)])
-def test_exact_recovery_on_photos(photos, b, seed):
+def _invert_photo_batch(photos, b: int, seed: int, budget: float):
+    """SPEAR with the layer weights on the FedSGD gradient of b photos: (photos, ∂L/∂W, result)."""
     x, y = _batch(photos, b, seed)
     model, gw, gb = _mlp_gradients(x, y, 10, seed=seed)
     layer = model.layers[0]
     res = spear_invert_linear(gw, gb, weight=layer.weight, bias=layer.bias, seed=seed,
-                              params=SpearParams(time_budget_s=60))
+                              params=SpearParams(time_budget_s=budget))
+    return x, gw, res
+
+
+@pytest.mark.parametrize("b,seed", [(4, 0), (8, 1)])
+def test_exact_recovery_on_photos(photos, b, seed):
+    x, gw, res = _invert_photo_batch(photos, b, seed, budget=60)
     assert res.status == "exact" and res.exact is True and res.mismatches == 0
     assert res.batch_size == b
     err = _matched_error(res.X, x)
@@ -109,10 +124,7 @@ def test_exact_recovery_on_photos(photos, b, seed):
 
 
 def test_exact_recovery_synthetic_gaussian():
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 120, generator=gen)
-    y = torch.randint(0, 5, (6,), generator=gen)
-    model, gw, gb = _mlp_gradients(x, y, 5, hidden=64, seed=3)
+    x, model, gw, gb = _gaussian_gradients(6, 120, 5, hidden=64, seed=3)
     res = spear_invert_linear(gw, gb, weight=model.layers[0].weight, bias=model.layers[0].bias,
                               params=SpearParams(time_budget_s=30))
     assert res.status == "exact"
@@ -120,10 +132,7 @@ def test_exact_recovery_synthetic_gaussian():
 
 
 def test_generic_core_without_weights_is_exact_but_unverified():
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(5, 100, generator=gen)
-    y = torch.randint(0, 4, (5,), generator=gen)
-    _, gw, gb = _mlp_gradients(x, y, 4, hidden=64, seed=5)
+    x, _, gw, gb = _gaussian_gradients(5, 100, 4, hidden=64, seed=5)
     res = spear_invert_linear(gw, gb, params=SpearParams(time_budget_s=30))
     assert res.status == "unverified" and res.exact is None
     assert _matched_error(res.X, x) <= 1e-4
@@ -134,10 +143,7 @@ def test_generic_core_without_weights_is_exact_but_unverified():
 
 @pytest.mark.parametrize("b", [1, 2, 3, 5, 8, 12])
 def test_batch_size_from_numerical_rank(b):
-    gen = torch.Generator().manual_seed(b)
-    x = torch.randn(b, 48, generator=gen)
-    y = torch.randint(0, 3, (b,), generator=gen)
-    _, gw, _ = _mlp_gradients(x, y, 3, hidden=32, seed=b)
+    _, _, gw, _ = _gaussian_gradients(b, 48, 3, hidden=32, seed=b)
     assert estimate_batch_size(torch.linalg.svdvals(gw.double())) == b
 
 
@@ -158,10 +164,7 @@ def test_batch_size_estimate_on_photos(photos):
 
 
 def test_without_sparsity_filter_the_reconstruction_is_wrong():
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(6, 100, generator=gen)
-    y = torch.randint(0, 4, (6,), generator=gen)
-    _, gw, gb = _mlp_gradients(x, y, 4, hidden=64, seed=11)
+    x, _, gw, gb = _gaussian_gradients(6, 100, 4, hidden=64, seed=11)
     # generic core (no weights, so no realisability/ReLU checks): the filter is what separates
     with_filter = spear_invert_linear(gw, gb, params=SpearParams(time_budget_s=30), seed=0)
     assert _matched_error(with_filter.X, x) <= 1e-4
@@ -381,10 +384,6 @@ def test_convnet_head_features_seed_images(photos):
 @pytest.mark.slow
 @pytest.mark.parametrize("b,seed", [(16, 0), (16, 1), (20, 0)])
 def test_exact_recovery_large_batches(photos, b, seed):
-    x, y = _batch(photos, b, seed)
-    model, gw, gb = _mlp_gradients(x, y, 10, seed=seed)
-    layer = model.layers[0]
-    res = spear_invert_linear(gw, gb, weight=layer.weight, bias=layer.bias, seed=seed,
-                              params=SpearParams(time_budget_s=300))
+    x, _, res = _invert_photo_batch(photos, b, seed, budget=300)
     assert res.status == "exact"
     assert _matched_error(res.X, x) <= 1e-4
