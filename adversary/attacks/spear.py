@@ -977,7 +977,8 @@ def invert_observation(obs: Observation, params: SpearParams, ctx: AttackContext
     # several full-batch steps on the image-fed layer: replay the local training instead
     replay = not one_step and image_space and obs.training.batch_size >= obs.num_distinct_examples
     res = spear_invert_linear(gw, gb, weight=weight if one_step else None, bias=bias if one_step else None,
-                              checker=replay_checker(obs, model, name) if replay else None, params=params, device=ctx.device, seed=ctx.seed, deadline=ctx.deadline,
+                              checker=replay_checker(obs, model, name) if replay else None, params=params,
+                              device=ctx.device, seed=ctx.seed, deadline=ctx.deadline,
                               progress=progress)
     return LayerInversion(name, res, image_space, gw, model, res.status)
 
@@ -1025,9 +1026,8 @@ def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruc
     # consistent example stays as it is). An unchecked batch (shuffled mini-batches) is left
     # alone: the attacker's batch schedule would put its exact images in the wrong steps, and
     # the descent then trades them away (measured: 155 dB -> 18 dB).
-    movable = torch.ones(len(inputs), dtype=torch.bool)
+    movable = torch.zeros(len(inputs), dtype=torch.bool) if inv.image_space else torch.ones(len(inputs), dtype=torch.bool)
     if inv.image_space:
-        movable[:] = False
         movable[res.inconsistent or []] = True
     if params.refine_iterations and inv.image_space and res.inconsistent is None:
         extras["refine"] = "skipped: nothing checked the batch (mini-batch steps: the schedule is unknown)"
