@@ -2,7 +2,7 @@
 ground truth that only the scorer sees.
 
 An attack is a function of an :class:`Observation` alone. :class:`GroundTruth` is a
-separate type that never appears in an attack's signature; ``adversary.registry``
+separate type that never appears in an attack's signature; ``adversary.runtime.registry``
 checks this for every registered attack (and a test enforces it).
 """
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from fedsim.domain import DataDomain
+from fedsim.models import build_model
 from fedsim.scenario import DefenseSpec, ModelSpec, Scenario, TrainingSpec
 
 
@@ -91,3 +93,11 @@ def observe(scenario: Scenario, domain: DataDomain, server_round: int, client_id
         defense=scenario.defense if plan.knows_defense else None,
         labels=truth.labels if plan.grant_labels else None,
     )
+
+
+def global_model(obs: Observation) -> nn.Module:
+    """The client's model as the server sent it: the public architecture holding θ_t
+    (parameters and buffers), float32 on the CPU."""
+    model = build_model(obs.model, obs.domain.shape, obs.domain.num_classes)
+    model.load_state_dict(obs.global_state)
+    return model

@@ -21,7 +21,7 @@ inputs X (n×d) of every example and their pre-activation gradients δ (n×m):
   layer of a conv model's head), images whose input to that layer matches the recovered
   features (relative L2 + TV), the model run in train mode on the whole batch as the client did.
 - :func:`refine_images`: Geiping's update-matching objective with the client's local training
-  unrolled (:class:`adversary.matching.Matcher`), descended from the images above. The best
+  unrolled (:class:`adversary.maths.matching.Matcher`), descended from the images above. The best
   iterate by objective is kept, the start included, so an exact start stays exact.
 """
 from __future__ import annotations
@@ -32,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adversary.matching import Descent, Matcher, descend_inputs
-from adversary.objectives import total_variation
-from adversary.observation import Observation
-from adversary.unroll import step_coefficients
-from fedsim.models import build_model
+from adversary.maths.matching import Descent, Matcher, descend_inputs
+from adversary.maths.objectives import total_variation
+from adversary.observation import Observation, global_model
+from adversary.maths.unroll import step_coefficients
 
 REPLAY_TOL = 1e-3  # relative error of a replayed column that still counts as consistent
 
@@ -80,10 +79,9 @@ def replay_layer_gradients(obs: Observation, layer_name: str, inputs: torch.Tens
     full-batch local training (``obs.training``, ``obs.num_steps`` steps of torch SGD from θ_t)
     replayed in float64 on ``inputs`` (n, C, H, W) with ``labels`` (n,). Row i is example i's
     column of the layer's weight-gradient sum, in the units of
-    :func:`adversary.unroll.observed_gradient`."""
+    :func:`adversary.maths.unroll.observed_gradient`."""
     tr = obs.training
-    model = build_model(obs.model, obs.domain.shape, obs.domain.num_classes).double()
-    model.load_state_dict(obs.global_state)
+    model = global_model(obs).double()
     layer = model.get_submodule(layer_name)
     a = step_coefficients(max(obs.num_steps, 1), tr.momentum, tr.nesterov)
     opt = torch.optim.SGD(model.parameters(), lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay,

@@ -9,7 +9,7 @@ epochs (5 SGD steps), momentum 0.9, weight decay 5e-4 — the attack unrolling t
 training vs the naive one (Δ treated as one gradient), on the same updates.
 
 Everything goes through the code a run uses (``fedsim.single_shot.observe_first_update``:
-the real client training; ``adversary.execution.run_job``: attack + scoring).
+the real client training; ``adversary.runtime.execution.run_job``: attack + scoring).
 
     python benchmarks/geiping.py --images 4 --batch-sizes 1 4 8 --out geiping.json
 """
@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adversary.execution import plan_jobs, run_job  # noqa: E402
-from adversary.registry import resolve_attack_params  # noqa: E402
+from adversary.runtime.execution import plan_jobs, run_job  # noqa: E402
+from adversary.runtime.registry import resolve_attack_params  # noqa: E402
 from fedsim.data import load_data  # noqa: E402
 from fedsim.scenario import Scenario  # noqa: E402
 from fedsim.single_shot import observe_first_update  # noqa: E402

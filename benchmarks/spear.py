@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adversary.attacks.spear import SpearParams, spear_invert_linear  # noqa: E402
-from adversary.execution import plan_jobs, run_job  # noqa: E402
-from adversary.registry import resolve_attack_params  # noqa: E402
+from adversary.runtime.execution import plan_jobs, run_job  # noqa: E402
+from adversary.runtime.registry import resolve_attack_params  # noqa: E402
 from fedsim.data import load_data  # noqa: E402
 from fedsim.models import MLP  # noqa: E402
 from fedsim.scenario import DataSpec, Scenario  # noqa: E402

@@ -4,7 +4,7 @@
 Every key has a default; unknown keys, wrong types and out-of-range values raise
 :class:`fedsim.config.ScenarioError` naming the file and the key. Attack and
 defense parameter tables are kept as plain tables here and validated by their
-registries (``defenses.registry``, ``adversary.registry``) before a run starts,
+registries (``defenses.registry``, ``adversary.runtime.registry``) before a run starts,
 so this module does not depend on them.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ import ray  # noqa: E402
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from adversary.workers import INVERSION_SLOT  # noqa: E402
+from adversary.runtime.workers import INVERSION_SLOT  # noqa: E402
 from clients.app import app as client_app  # noqa: E402
 from server.app import serve  # noqa: E402
 from server.setup import ServerSetup, prepare_server_setup  # noqa: E402
@@ -28,7 +28,7 @@ from server.setup import ServerSetup, prepare_server_setup  # noqa: E402
 
 def start_ray(ray_address: str | None, inversion_workers: int) -> None:
     """Join the cluster at ``ray_address`` or start a local Ray with one CPU per core for
-    the client actors plus ``inversion_workers`` inversion slots (see adversary.workers)."""
+    the client actors plus ``inversion_workers`` inversion slots (see adversary.runtime.workers)."""
     if ray.is_initialized():
         return
     pythonpath = os.pathsep.join(sys.path)

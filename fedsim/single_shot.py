@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from adversary.execution import plan_jobs, run_job, store_result
-from adversary.metrics import LpipsScorer
+from adversary.runtime.execution import plan_jobs, run_job, store_result
+from adversary.scoring.metrics import LpipsScorer
 from adversary.observation import GroundTruth, Observation, observe
-from adversary.registry import resolve_attack_params
+from adversary.runtime.registry import resolve_attack_params
 from clients.training import run_client_round
 from fedsim.config import ScenarioError
 from fedsim.data import DatasetSplits, scenario_partitions

@@ -10,7 +10,7 @@ from pathlib import Path
 import tomli_w
 import torch
 
-from adversary.registry import resolve_attack_params
+from adversary.runtime.registry import resolve_attack_params
 from defenses.registry import resolve_defense_params
 from fedsim.config import ScenarioError
 from fedsim.data import DatasetSplits, load_data, scenario_partitions
@@ -66,7 +66,7 @@ def make_sink(scenario: Scenario, run_dir: RunDirectory, ray_address: str | None
               show_progress: bool = True) -> AttackSink:
     if not scenario.attack.attacks:
         return RecordingSink()
-    from adversary.workers import InversionPool
+    from adversary.runtime.workers import InversionPool
 
     return InversionPool(scenario, run_dir, ray_address=ray_address, show_progress=show_progress)
 

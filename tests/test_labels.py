@@ -1,11 +1,11 @@
-"""Label recovery from the last layer of an observed update (adversary.labels)."""
+"""Label recovery from the last layer of an observed update (adversary.maths.labels)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from adversary.labels import counts_from_head, recover_labels
-from adversary.unroll import step_coefficients
+from adversary.maths.labels import counts_from_head, recover_labels
+from adversary.maths.unroll import step_coefficients
 from fedsim.data import load_data
 from fedsim.scenario import DataSpec, ModelSpec, TrainingSpec
 from helpers import client_update

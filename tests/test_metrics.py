@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from adversary import metrics
-from adversary.images import save_comparison_grid
-from adversary.metrics import (
+from adversary.scoring import metrics
+from adversary.scoring.images import save_comparison_grid
+from adversary.scoring.metrics import (
     LPIPS_ENV_VAR,
     PSNR_CAP_DB,
     LpipsScorer,

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from adversary.attacks.spear import SpearParams, estimate_batch_size, invert_observation, spear_invert_linear
-from adversary.metrics import psnr
+from adversary.scoring.metrics import psnr
 from adversary.spear_extensions import REPLAY_TOL, refine_images, replay_checker, replay_layer_gradients
-from adversary.unroll import observed_gradient
+from adversary.maths.unroll import observed_gradient
 from adversary.observation import Observation
-from adversary.registry import ATTACKS, AttackContext
+from adversary.attacks.base import AttackContext
+from adversary.runtime.registry import ATTACKS
 from fedsim.domain import DataDomain
 from fedsim.models import MLP, build_model, state_to_tensors
 from fedsim.scenario import DataSpec, ModelSpec, TrainingSpec
@@ -202,8 +203,6 @@ def _observation(photos, b: int, seed: int, training: TrainingSpec, hidden=(256,
 
 
 def test_registered_attack_runs_on_a_hand_built_observation(photos):
-    import adversary.attacks.spear  # noqa: F401  (registers "spear")
-
     entry = ATTACKS["spear"]
     assert entry.params_type is SpearParams
     training = TrainingSpec(batch_size=6, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)

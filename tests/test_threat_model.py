@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from adversary.observation import GroundTruth, Observation, observe
-from adversary.registry import ATTACKS, available_attacks, register_attack
+from adversary.attacks.base import Attack
+from adversary.runtime.registry import ATTACKS, available_attacks
 from fedsim.domain import DataDomain
 from fedsim.scenario import parse_scenario
 
@@ -18,13 +19,14 @@ def test_every_registered_attack_is_a_function_of_the_observation_only():
         hints = typing.get_type_hints(ATTACKS[name].run)
         assert GroundTruth not in hints.values(), name
         assert hints.get("obs") is Observation or Observation in hints.values(), name
+        assert hints.get("return") is not None, name
 
 
 def test_registry_refuses_an_attack_that_takes_ground_truth():
     def cheating(obs: Observation, params: object, truth: GroundTruth) -> None: ...
 
     with pytest.raises(TypeError, match="GroundTruth"):
-        register_attack("cheating", object)(cheating)
+        Attack("cheating", object, cheating)
     assert "cheating" not in ATTACKS
 
 

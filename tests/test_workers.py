@@ -6,7 +6,7 @@ import time
 import pytest
 import ray
 
-from adversary.workers import InversionPool
+from adversary.runtime.workers import InversionPool
 from fedsim.cli import main
 from fedsim.rundir import LEAKAGE, RunDirectory
 from fedsim.single_shot import observe_first_update

@@ -1,2 +1,2 @@
-"""Attack implementations; importing this package registers every attack."""
-from adversary.attacks import dlg, geiping, spear  # noqa: F401
+"""Attack implementations, one module (or package) each; ``base`` is the interface they share.
+The registry (``adversary.runtime.registry``) lists them."""

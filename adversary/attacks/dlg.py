@@ -2,8 +2,8 @@
 
 Dummy images (and, with ``label_mode = "joint"``, dummy label logits, softmaxed into soft
 targets) are optimised with L-BFGS so that their predicted update matches the observed one in
-squared L2 distance. ``label_mode = "recover"`` uses :mod:`adversary.labels` instead (iDLG).
-The predicted update comes from the same :class:`adversary.matching.Matcher` as Geiping's
+squared L2 distance. ``label_mode = "recover"`` uses :mod:`adversary.maths.labels` instead (iDLG).
+The predicted update comes from the same :class:`adversary.maths.matching.Matcher` as Geiping's
 attack (``multistep`` as there). Labels granted by the scenario (``obs.labels``) are always used.
 
 Measured here: on small MLPs it recovers b = 1 images; on the untrained 32x32 ConvNet with
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adversary.matching import Matcher, attack_labels, initial_inputs, resolve_mode
-from adversary.objectives import total_variation
+from adversary.maths.matching import Matcher, attack_labels, initial_inputs, resolve_mode
+from adversary.maths.objectives import total_variation
 from adversary.observation import Observation, Reconstruction
-from adversary.registry import AttackContext, register_attack
+from adversary.attacks.base import Attack, AttackContext
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,6 @@ class _Stop(Exception):
     """Raised inside the L-BFGS closure: the deadline passed or the objective is not finite."""
 
 
-@register_attack("dlg", DLGParams)
 def run(obs: Observation, params: DLGParams, ctx: AttackContext) -> Reconstruction:
     device = ctx.device
     mode = resolve_mode(params.multistep, obs)
@@ -108,3 +107,6 @@ def run(obs: Observation, params: DLGParams, ctx: AttackContext) -> Reconstructi
     return Reconstruction(inputs=best_x.cpu(), labels=labels.cpu(), iterations=done, objective=value,
                           extras={"stopped_early": stopped, "diverged": diverged, "mode": mode,
                                   "label_source": label_source})
+
+
+ATTACK = Attack("dlg", DLGParams, run)

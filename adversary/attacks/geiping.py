@@ -17,10 +17,10 @@ Dummy images are optimised so that the update they would produce matches the obs
 Multi-step updates (``multistep``): ``naive`` treats Δ as −lr·∇L of one step on the whole batch
 (the FedSGD assumption); ``unroll`` replays the public local-training loop (epochs, batch
 schedule, momentum, weight decay, nesterov) on the dummies with
-:func:`adversary.unroll.unroll_local_training`; ``auto`` unrolls (for a single step that *is* the
+:func:`adversary.maths.unroll.unroll_local_training`; ``auto`` unrolls (for a single step that *is* the
 one-step model, with weight decay/nesterov accounted for exactly).
 
-Labels come from :mod:`adversary.labels` unless the scenario grants them (``obs.labels``).
+Labels come from :mod:`adversary.maths.labels` unless the scenario grants them (``obs.labels``).
 """
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adversary.matching import Descent, Matcher, attack_labels, descend_inputs, initial_inputs, resolve_mode
-from adversary.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES, total_variation
+from adversary.maths.matching import (BN_WEIGHT, TV_WEIGHT, Descent, Matcher, attack_labels, descend_inputs,
+                                      initial_inputs, resolve_mode)
+from adversary.maths.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES, total_variation
 from adversary.observation import Observation, Reconstruction
-from adversary.registry import AttackContext, register_attack
+from adversary.attacks.base import Attack, AttackContext
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ class GeipingParams:
     lr: float = field(default=0.1, metadata={"gt": 0.0, "doc": "Adam step size (on the sign of the gradient)"})
     lr_decay: bool = field(default=True, metadata={"doc": "lr x0.1 at 3/8, 5/8, 7/8 of the iterations"})
     signed: bool = field(default=True, metadata={"doc": "step on the sign of the input gradient"})
-    tv_weight: float = field(default=0.01, metadata={"min": 0.0, "doc": "total-variation prior weight"})
-    bn_weight: float = field(default=1.0, metadata={"min": 0.0, "doc": "weight of the BN running-statistics match"})
+    tv_weight: float = field(default=TV_WEIGHT, metadata={"min": 0.0, "doc": "total-variation prior weight"})
+    bn_weight: float = field(default=BN_WEIGHT, metadata={"min": 0.0, "doc": "weight of the BN running-statistics match"})
     loss: str = field(default="cosine", metadata={"choices": MATCHING_LOSSES})
     layer_weighting: str = field(default="equal", metadata={"choices": LAYER_WEIGHTINGS})
     init: str = field(default="randn", metadata={"choices": ("randn", "rand", "zeros")})
@@ -65,7 +66,6 @@ class GeipingParams:
     report_every: int = field(default=100, metadata={"min": 1})
 
 
-@register_attack("geiping", GeipingParams)
 def run(obs: Observation, params: GeipingParams, ctx: AttackContext) -> Reconstruction:
     device = ctx.device
     mode = resolve_mode(params.multistep, obs)
@@ -109,3 +109,6 @@ def run(obs: Observation, params: GeipingParams, ctx: AttackContext) -> Reconstr
                           extras={"stopped_early": stopped, "mode": mode,
                                   "label_source": label_source, "restarts_done": len(objectives),
                                   "restart_objectives": objectives})
+
+
+ATTACK = Attack("geiping", GeipingParams, run)

@@ -68,7 +68,7 @@ sampling would spend about two thirds of its time on the last two.
 FedAvg (several local steps)
 ----------------------------
 K local SGD steps give ``−Δ/lr = Σ_j a_j (g_j + wd·θ_j)`` (momentum weights ``a_j``);
-:func:`adversary.unroll.observed_gradient` removes the weight-decay part (θ_j by linear
+:func:`adversary.maths.unroll.observed_gradient` removes the weight-decay part (θ_j by linear
 drift). The remainder's weight part is ``Σ_i u_i x_iᵀ`` with ``u_i = Σ_{j ∋ i} a_j δ_i^(j)/B``:
 still rank n (the distinct examples), and ``u_i`` still vanishes on every neuron example i
 left inactive in *all* its steps. So SPEAR's model holds exactly; what degrades is sparsity
@@ -94,13 +94,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from adversary.attacks.geiping import GeipingParams
-from adversary.matching import num_examples
-from adversary.observation import Observation, Reconstruction
-from adversary.registry import AttackContext, register_attack
+from adversary.maths.matching import BN_WEIGHT, TV_WEIGHT, num_examples
+from adversary.observation import Observation, Reconstruction, global_model
+from adversary.attacks.base import Attack, AttackContext
 from adversary.spear_extensions import fit_images_to_features, refine_images, replay_checker, slot_labels
-from adversary.unroll import observed_gradient
-from fedsim.models import build_model
+from adversary.maths.unroll import observed_gradient
 
 
 @dataclass(frozen=True)
@@ -954,8 +952,7 @@ class LayerInversion:
 def invert_observation(obs: Observation, params: SpearParams, ctx: AttackContext) -> LayerInversion:
     """Run SPEAR on the layer ``params.layer`` (default: the first linear layer) of ``obs``."""
     shape = tuple(obs.domain.shape)
-    model = build_model(obs.model, shape, obs.domain.num_classes)
-    model.load_state_dict(obs.global_state)
+    model = global_model(obs)
     name, layer = find_linear(model, params.layer)
     image_space, is_output = _layer_role(model, layer, shape)
     if is_output:
@@ -983,7 +980,6 @@ def invert_observation(obs: Observation, params: SpearParams, ctx: AttackContext
     return LayerInversion(name, res, image_space, gw, model, res.status)
 
 
-@register_attack("spear", SpearParams)
 def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruction:
     """SPEAR on the observed update, then (optionally) images from its result.
 
@@ -1019,7 +1015,7 @@ def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruc
         if params.feature_fit_iterations:
             start = torch.randn((len(res.X), *shape), generator=torch.Generator().manual_seed(ctx.seed))
             fit = fit_images_to_features(obs, inv.model, layer, res.X, start, iterations=params.feature_fit_iterations,
-                                         lr=params.fit_lr, tv_weight=GeipingParams.tv_weight, deadline=ctx.deadline)
+                                         lr=params.fit_lr, tv_weight=TV_WEIGHT, deadline=ctx.deadline)
             inputs, iterations = fit.inputs, iterations + fit.steps
             extras["feature_fit_objective"] = fit.objective
     # fitted images all move; recovered images only where the check flagged them (an exact or
@@ -1036,8 +1032,11 @@ def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruc
             extras["refine"] = f"skipped: SPEAR found {len(inputs)} examples, the update reports {num_examples(obs)}"
         else:
             refined = refine_images(obs, inputs, labels, iterations=params.refine_iterations, lr=params.refine_lr,
-                                    tv_weight=params.refine_tv_weight, bn_weight=GeipingParams.bn_weight,
+                                    tv_weight=params.refine_tv_weight, bn_weight=BN_WEIGHT,
                                     device=ctx.device, movable=movable, deadline=ctx.deadline)
             inputs, iterations = refined.inputs.cpu(), iterations + refined.steps
             extras["refine"] = f"{int(movable.sum())} images, {refined.steps} steps, objective {refined.objective:.4g}"
     return Reconstruction(inputs, labels if len(inputs) else None, iterations, objective, extras)
+
+
+ATTACK = Attack("spear", SpearParams, run)

@@ -10,10 +10,11 @@ from typing import Any, Callable
 
 import torch
 
-from adversary.images import save_comparison_grid
-from adversary.metrics import LpipsScorer, score_reconstruction
+from adversary.scoring.images import save_comparison_grid
+from adversary.scoring.metrics import LpipsScorer, score_reconstruction
 from adversary.observation import GroundTruth, Observation
-from adversary.registry import AttackContext, get_attack
+from adversary.attacks.base import AttackContext
+from adversary.runtime.registry import get_attack
 from fedsim.rundir import LEAKAGE, RECONSTRUCTIONS, RunDirectory
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed

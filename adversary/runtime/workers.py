@@ -22,9 +22,9 @@ import torch
 from ray.util.queue import Empty, Queue
 from tqdm import tqdm
 
-from adversary.execution import AttackJob, JobResult, failed_record, plan_jobs, run_job, store_result
+from adversary.runtime.execution import AttackJob, JobResult, failed_record, plan_jobs, run_job, store_result
 from adversary.observation import GroundTruth, Observation
-from adversary.registry import resolve_attack_params
+from adversary.runtime.registry import resolve_attack_params
 from fedsim.rundir import RunDirectory
 from fedsim.scenario import AttackPlan, Scenario
 
@@ -55,7 +55,7 @@ class InversionWorker:
         return str(self.device)
 
     def run(self, job: AttackJob) -> JobResult:
-        from adversary.metrics import LpipsScorer
+        from adversary.scoring.metrics import LpipsScorer
 
         if self.lpips is None:
             self.lpips = LpipsScorer(device=self.device)

@@ -15,12 +15,17 @@ from typing import Callable
 
 import torch
 
-from adversary.labels import recover_labels
-from adversary.objectives import l2_distance, layer_weights, matching_loss
-from adversary.observation import Observation
-from adversary.unroll import batchnorm_buffer_names, parameter_names, unroll_local_training
-from fedsim.models import build_model
+from adversary.maths.labels import recover_labels
+from adversary.maths.objectives import l2_distance, layer_weights, matching_loss
+from adversary.observation import Observation, global_model
+from adversary.maths.unroll import batchnorm_buffer_names, parameter_names, unroll_local_training
 from fedsim.schedule import local_batches
+
+#: total-variation weight of the update-matching objective from random images (Geiping's attack;
+#: breaching uses 0.2, see adversary.attacks.geiping.GeipingParams for the measurements)
+TV_WEIGHT = 0.01
+#: weight of the BN running-statistics match in the update-matching objective
+BN_WEIGHT = 1.0
 
 
 class Matcher:
@@ -34,7 +39,7 @@ class Matcher:
                  layer_weighting: str = "equal", bn_weight: float = 0.0):
         self.obs = obs
         self.device = device
-        self.model = build_model(obs.model, obs.domain.shape, obs.domain.num_classes).to(device)
+        self.model = global_model(obs).to(device)
         self.state = {k: (v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device))
                       for k, v in obs.global_state.items()}
         self.n = num_examples(obs)

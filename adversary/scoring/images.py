@@ -26,7 +26,7 @@ def save_comparison_grid(
 
     ``truth_unit`` (N, C, H, W) and ``recon_unit_matched`` (M, C, H, W), both in [0, 1],
     C = 1 or 3; reconstruction k is drawn under truth k, so pass them in matched order
-    (e.g. ``recon[rows]`` from ``adversary.metrics.match_reconstructions``). ``nrow``:
+    (e.g. ``recon[rows]`` from ``adversary.scoring.metrics.match_reconstructions``). ``nrow``:
     images per row (default: all of them, at most 8). Each block is a
     ``torchvision.utils.make_grid`` with ``padding`` white pixels between and around the
     images; the narrower block is padded white on the right. The whole picture is then

@@ -16,7 +16,7 @@ For cross-entropy with a linear head ``z = W h + b`` and one step on a batch of 
 
 Multi-step updates: ``−Δ/lr`` is a weighted sum of the per-step gradients; the weights follow
 from the public momentum/nesterov setting, and weight decay's contribution is removed
-(:func:`adversary.unroll.observed_gradient`); every example is assumed to carry the average weight. This is exact for FedSGD and
+(:func:`adversary.maths.unroll.observed_gradient`); every example is assumed to carry the average weight. This is exact for FedSGD and
 approximate otherwise (the predictions drift during local training).
 """
 from __future__ import annotations
@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adversary.observation import Observation
-from adversary.unroll import observed_gradient, step_coefficients
-from fedsim.models import build_model
+from adversary.observation import Observation, global_model
+from adversary.maths.unroll import observed_gradient, step_coefficients
 
 
 def last_layer_names(model: nn.Module, num_classes: int) -> tuple[str, str | None]:
@@ -55,8 +54,7 @@ def _example_weight(obs: Observation, n: int) -> float:
 def _dummy_statistics(obs: Observation, n: int, draws: int = 4, seed: int = 0) -> tuple[torch.Tensor, float]:
     """Mean softmax (C,) and mean ‖h‖₁ of the head's input over dummy inputs at θ_t (train mode)."""
     domain = obs.domain
-    model = build_model(obs.model, domain.shape, domain.num_classes)
-    model.load_state_dict(obs.global_state)
+    model = global_model(obs)
     model.train()
     weight, _ = last_layer_names(model, domain.num_classes)
     head = model.get_submodule(weight.rsplit(".", 1)[0])
@@ -133,9 +131,7 @@ def counts_from_head(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, 
 
 def label_counts(obs: Observation, n: int) -> torch.Tensor:
     """Estimated number of examples of each class (C,) int64, summing to ``n``."""
-    domain = obs.domain
-    model = build_model(obs.model, domain.shape, domain.num_classes)
-    weight, bias = last_layer_names(model, domain.num_classes)
+    weight, bias = last_layer_names(global_model(obs), obs.domain.num_classes)
     g = observed_gradient(obs, [weight] + ([bias] if bias else []))
     w = _example_weight(obs, n)
     p, h1 = _dummy_statistics(obs, n) if n > 1 else (None, 1.0)
