@@ -7,13 +7,14 @@ checks this for every registered attack (and a test enforces it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedsim.domain import DataDomain
 from fedsim.models import build_model
+from fedsim.records import ClientUpload
 from fedsim.scenario import DefenseSpec, ModelSpec, Scenario, TrainingSpec
 
 
@@ -74,25 +75,28 @@ class Reconstruction:
     extras: dict
 
 
-def observe(scenario: Scenario, domain: DataDomain, server_round: int, client_id: int,
-            global_state: dict[str, torch.Tensor], update: dict[str, torch.Tensor], num_examples: int | None,
-            num_steps: int, truth: GroundTruth) -> Observation:
-    """What the server is entitled to see of one update under ``scenario``'s threat model:
-    the defense only if ``attack.knows_defense``, true labels only if ``attack.grant_labels``."""
+def observe(scenario: Scenario, domain: DataDomain, training: TrainingSpec, server_round: int, client_id: int,
+            global_state: dict[str, torch.Tensor], upload: ClientUpload) -> tuple[Observation, GroundTruth]:
+    """One client's upload as (what the server is entitled to see, the evaluation-only ground
+    truth) under ``scenario``'s threat model: the defense only if ``attack.knows_defense``, true
+    labels only if ``attack.grant_labels``. ``training`` is the round's public config
+    (:meth:`fedsim.scenario.Scenario.round_training`), ``global_state`` θ_t."""
     plan = scenario.attack
-    return Observation(
+    truth = GroundTruth(upload.inputs, upload.labels, tuple(upload.batches))
+    observation = Observation(
         server_round=server_round,
         client_id=client_id,
         model=scenario.model,
         domain=domain,
         global_state=global_state,
-        update=update,
-        training=replace(scenario.training, lr=scenario.training.lr_at(server_round, scenario.federation.rounds)),
-        num_examples=num_examples,
-        num_steps=num_steps,
+        update=upload.update,
+        training=training,
+        num_examples=upload.num_examples,
+        num_steps=upload.num_steps,
         defense=scenario.defense if plan.knows_defense else None,
         labels=truth.labels if plan.grant_labels else None,
     )
+    return observation, truth
 
 
 def global_model(obs: Observation) -> nn.Module:

@@ -8,7 +8,7 @@ scored. Then the multi-step comparison on the same base: 2 examples, batch 2, 5 
 epochs (5 SGD steps), momentum 0.9, weight decay 5e-4 — the attack unrolling the local
 training vs the naive one (Δ treated as one gradient), on the same updates.
 
-Everything goes through the code a run uses (``fedsim.single_shot.observe_first_update``:
+Everything goes through the code a run uses (``fedsim.run.single_shot.observe_first_update``:
 the real client training; ``adversary.runtime.execution.run_job``: attack + scoring).
 
     python benchmarks/geiping.py --images 4 --batch-sizes 1 4 8 --out geiping.json
@@ -34,8 +34,8 @@ from adversary.runtime.execution import plan_jobs, run_job  # noqa: E402
 from adversary.runtime.registry import resolve_attack_params  # noqa: E402
 from fedsim.data import load_data  # noqa: E402
 from fedsim.scenario import Scenario  # noqa: E402
-from fedsim.single_shot import observe_first_update  # noqa: E402
-from server.setup import validate_scenario  # noqa: E402
+from fedsim.run.single_shot import observe_first_update  # noqa: E402
+from fedsim.run.preparation import validate_scenario  # noqa: E402
 
 
 def attack_clients(scenario: Scenario, images: int, device: torch.device, iterations: int | None) -> list[dict]:

@@ -56,8 +56,8 @@ from adversary.runtime.registry import resolve_attack_params  # noqa: E402
 from fedsim.data import load_data  # noqa: E402
 from fedsim.models import MLP  # noqa: E402
 from fedsim.scenario import DataSpec, Scenario  # noqa: E402
-from fedsim.single_shot import observe_first_update  # noqa: E402
-from server.setup import validate_scenario  # noqa: E402
+from fedsim.run.single_shot import observe_first_update  # noqa: E402
+from fedsim.run.preparation import validate_scenario  # noqa: E402
 
 EXACT_TOL = 1e-4
 

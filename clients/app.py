@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from clients.training import run_client_round
 from fedsim.data import DatasetSplits, load_data, scenario_partitions
-from fedsim.records import GROUND_TRUTH_KEY, from_record, pack_batches, to_record
+from fedsim.records import from_record, reply_content
 from fedsim.scenario import Scenario, parse_scenario
 
 app = ClientApp()
@@ -62,15 +62,6 @@ def train(msg: Message, context: Context) -> Message:
 
     splits, parts = client_partitions(text)
     global_state = from_record(msg.content["arrays"])
-    work = run_client_round(scenario, splits, parts[client_id], client_id, server_round, global_state,
-                            float(config["lr"]))
-    new_state = {k: global_state[k] + work.update[k] for k in global_state}
-    truth = {"inputs": work.inputs, "labels": work.labels, "batches": pack_batches(work.batches)}
-    metrics = MetricRecord({
-        "num-examples": work.num_examples,
-        "steps": len(work.batches),
-        "train-loss": work.mean_loss,
-    })
-    content = RecordDict({"arrays": to_record(new_state), "metrics": metrics,
-                          GROUND_TRUTH_KEY: to_record(truth)})
-    return Message(content, reply_to=msg)
+    upload = run_client_round(scenario, splits, parts[client_id], client_id, server_round, global_state,
+                              float(config["lr"]))
+    return Message(reply_content(global_state, upload), reply_to=msg)

@@ -12,6 +12,7 @@ from defenses.base import Defense
 from defenses.registry import build_defense
 from fedsim.data import DatasetSplits
 from fedsim.models import build_model
+from fedsim.records import ClientUpload
 from fedsim.scenario import Scenario, TrainingSpec
 from fedsim.schedule import distinct_examples, local_batches
 from fedsim.seeding import generator
@@ -52,22 +53,8 @@ def train_locally(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, 
     return LocalResult(defense.on_update(raw), batches, sum(losses) / max(len(losses), 1))
 
 
-@dataclass
-class ClientRound:
-    """One client's work in one round: the uploaded Δ (``update``), the distinct examples it
-    trained on (``inputs`` (N, C, H, W), ``labels`` (N,)), each step's batch as indices into
-    them (``batches``), and ``num_examples`` (its local data set size)."""
-
-    update: dict[str, torch.Tensor]
-    inputs: torch.Tensor
-    labels: torch.Tensor
-    batches: list[tuple[int, ...]]
-    num_examples: int
-    mean_loss: float
-
-
 def run_client_round(scenario: Scenario, splits: DatasetSplits, index: torch.Tensor, client_id: int,
-                     server_round: int, global_state: dict[str, torch.Tensor], lr: float) -> ClientRound:
+                     server_round: int, global_state: dict[str, torch.Tensor], lr: float) -> ClientUpload:
     """Train client ``client_id`` (local data ``splits.train_*[index]``) from ``global_state``
     with the round's seeds and defense, as the ClientApp does."""
     inputs, labels = splits.train_x[index], splits.train_y[index]
@@ -77,4 +64,4 @@ def run_client_round(scenario: Scenario, splits: DatasetSplits, index: torch.Ten
     result = train_locally(model, inputs, labels, scenario.training, lr, rng,
                            build_defense(scenario.defense, rng, scenario.source))
     used, batches = distinct_examples(result.batches)
-    return ClientRound(result.update, inputs[used], labels[used], batches, len(index), result.mean_loss)
+    return ClientUpload(result.update, len(index), len(batches), result.mean_loss, inputs[used], labels[used], batches)

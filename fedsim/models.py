@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedsim.scenario import ModelSpec
+from fedsim.scenario import ModelSpec, Scenario
+from fedsim.seeding import derive_seed
 
 
 def linear_relu_stack(in_features: int, hidden: tuple[int, ...], num_classes: int) -> list[nn.Module]:
@@ -110,6 +111,13 @@ def build_model(spec: ModelSpec, in_shape: tuple[int, int, int], num_classes: in
     if spec.name == "mlp":
         return MLP(c * h * w, num_classes, spec.hidden)
     raise ValueError(f"unknown model {spec.name!r}")
+
+
+def initial_model(scenario: Scenario, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The global model of round 1 (θ_0), seeded from the scenario: the server and single-shot
+    mode build the same one."""
+    torch.manual_seed(derive_seed(scenario.seed, "init"))
+    return build_model(scenario.model, in_shape, num_classes)
 
 
 def state_to_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

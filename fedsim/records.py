@@ -1,15 +1,39 @@
-"""Wire format between client and server: state dicts and the evaluation-only channel.
+"""Wire format between client and server: what one client returns from one round, and how
+it travels in a Flower reply.
 
 The client's reply carries three records: ``arrays`` (θ', aggregated by FedAvg),
-``metrics`` and ``GROUND_TRUTH_KEY`` (the batches it trained on). The strategy removes
-the ground-truth record before anything else sees the message; it goes to scoring only.
+``metrics`` and ``GROUND_TRUTH_KEY`` (the examples and batches it trained on). The strategy
+removes the ground-truth record (:func:`take_upload`) before anything else sees the message;
+it goes to scoring only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 GROUND_TRUTH_KEY = "eval-only-ground-truth"
+
+
+@dataclass
+class ClientUpload:
+    """One client's work in one round.
+
+    ``update``: the uploaded Δ (after the defense) for every state entry; ``num_examples``: its
+    local data set size (reported); ``num_steps``: local optimizer steps (reported);
+    ``train_loss``: mean over the steps. Evaluation only: ``inputs`` (N, C, H, W) and
+    ``labels`` (N,), the distinct examples it trained on, and ``batches``, each step's batch as
+    indices into them.
+    """
+
+    update: dict[str, torch.Tensor]
+    num_examples: int
+    num_steps: int
+    train_loss: float
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    batches: list[tuple[int, ...]]
 
 
 def pack_batches(batches: list[tuple[int, ...]]) -> torch.Tensor:
@@ -21,8 +45,8 @@ def pack_batches(batches: list[tuple[int, ...]]) -> torch.Tensor:
     return out
 
 
-def unpack_batches(packed: torch.Tensor) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(int(i) for i in row if i >= 0) for row in packed)
+def unpack_batches(packed: torch.Tensor) -> list[tuple[int, ...]]:
+    return [tuple(int(i) for i in row if i >= 0) for row in packed]
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -31,3 +55,23 @@ def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
+
+
+def reply_content(global_state: dict[str, torch.Tensor], upload: ClientUpload) -> RecordDict:
+    """The client's reply: θ' = θ_t + Δ, the reported metrics and the evaluation-only record."""
+    new_state = {k: global_state[k] + upload.update[k] for k in global_state}
+    truth = {"inputs": upload.inputs, "labels": upload.labels, "batches": pack_batches(upload.batches)}
+    metrics = MetricRecord({"num-examples": upload.num_examples, "steps": upload.num_steps,
+                            "train-loss": upload.train_loss})
+    return RecordDict({"arrays": to_record(new_state), "metrics": metrics, GROUND_TRUTH_KEY: to_record(truth)})
+
+
+def take_upload(content: RecordDict, global_state: dict[str, torch.Tensor]) -> ClientUpload:
+    """Read a reply made by :func:`reply_content` against θ_t = ``global_state``, removing the
+    evaluation-only record from ``content`` (FedAvg then sees only arrays and metrics)."""
+    truth = from_record(content.pop(GROUND_TRUTH_KEY))
+    received = from_record(content["arrays"])
+    metrics = content["metrics"]
+    return ClientUpload({k: received[k] - global_state[k] for k in global_state}, int(metrics["num-examples"]),
+                        int(metrics["steps"]), float(metrics["train-loss"]), truth["inputs"], truth["labels"],
+                        unpack_batches(truth["batches"]))

@@ -151,6 +151,12 @@ class Scenario:
                 return "federation.failing_clients", f"client {c} does not exist"
         return None
 
+    def round_training(self, server_round: int) -> TrainingSpec:
+        """The public local-training config the server dictates in 1-based ``server_round``:
+        ``training`` with ``lr`` set to that round's learning rate. The strategy computes it once
+        per round, sends its ``lr`` to the clients and hands it to the attacker unchanged."""
+        return replace(self.training, lr=self.training.lr_at(server_round, self.federation.rounds))
+
 
 def _split_params(table: dict[str, Any], fixed: set[str], tables_only: bool) -> dict[str, Any]:
     """Move keys that are not schema fields into ``params`` (only sub-tables if ``tables_only``)."""

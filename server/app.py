@@ -1,26 +1,39 @@
-"""The Flower ServerApp: runs the curious FedAvg, evaluates the global model every round,
-writes ``rounds.jsonl`` and waits for the planned attacks before it returns."""
+"""The server's main loop: runs the curious FedAvg, evaluates the global model every round,
+writes ``rounds.jsonl`` and waits for the planned attacks before it returns.
+
+The Flower ``ServerApp`` objects that call :func:`serve` belong to the wiring
+(``fedsim.run``): one for ``fedsim run`` and one for ``flwr run .``.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
 from tqdm import tqdm
 
+from fedsim.data import DatasetSplits
 from fedsim.evaluation import evaluate_model
-from fedsim.models import build_model, state_to_tensors
-from fedsim.rundir import ROUNDS
+from fedsim.models import initial_model, state_to_tensors
+from fedsim.rundir import ROUNDS, RunDirectory
 from fedsim.scenario import Scenario
-from fedsim.seeding import derive_seed
-from server.setup import ServerSetup, prepare_server_setup
-from server.strategy import CuriousFedAvg
+from server.strategy import AttackSink, CuriousFedAvg
 
 
-def initial_model(scenario: Scenario, shape: tuple[int, int, int], num_classes: int) -> torch.nn.Module:
-    torch.manual_seed(derive_seed(scenario.seed, "init"))
-    return build_model(scenario.model, shape, num_classes)
+@dataclass
+class ServerSetup:
+    """Everything the server needs for one run (prepared by the wiring, ``fedsim.run``)."""
+
+    scenario: Scenario
+    scenario_text: str  # resolved scenario as TOML, sent to clients each round
+    run_dir: RunDirectory
+    sink: AttackSink
+    device: torch.device
+    splits: DatasetSplits
+    show_progress: bool = True
+    verbose: bool = False  # Flower/Ray INFO logs
 
 
 def serve(grid: Grid, setup: ServerSetup) -> None:
@@ -53,13 +66,3 @@ def serve(grid: Grid, setup: ServerSetup) -> None:
         close = getattr(setup.sink, "close", None)
         if close is not None:
             close()
-
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: the scenario comes from the app's run config."""
-    setup = prepare_server_setup(str(context.run_config["scenario"]), context.run_config.get("out") or None)
-    serve(grid, setup)

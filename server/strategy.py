@@ -20,8 +20,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from adversary.observation import GroundTruth, Observation, observe
 from fedsim.domain import DataDomain
-from fedsim.records import GROUND_TRUTH_KEY, from_record, unpack_batches
-from fedsim.scenario import Scenario
+from fedsim.records import from_record, take_upload
+from fedsim.scenario import Scenario, TrainingSpec
 from fedsim.seeding import derive_seed
 
 
@@ -54,8 +54,12 @@ class RecordingSink:
 
 @dataclass
 class RoundTrace:
-    """What the strategy saw in one round (for rounds.jsonl)."""
+    """One round as the strategy ran it: the public training config it dictated (computed once,
+    sent to the clients and handed to the attacker), θ_t until the round is aggregated, and what
+    rounds.jsonl reports."""
 
+    training: TrainingSpec
+    global_state: dict[str, torch.Tensor] | None = None
     clients: list[int] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     train_loss: float | None = None
@@ -72,7 +76,6 @@ class CuriousFedAvg(FedAvg):
         self.domain = domain
         self.sink = sink
         self.node_to_client: dict[int, int] = {}
-        self.global_states: dict[int, dict[str, torch.Tensor]] = {}
         self.traces: dict[int, RoundTrace] = {}
 
     # -- sampling ---------------------------------------------------------------------
@@ -103,10 +106,9 @@ class CuriousFedAvg(FedAvg):
         if not self.node_to_client:
             self.identify_clients(grid)
         clients = self.sample_clients(server_round)
-        self.traces[server_round] = RoundTrace(clients=clients)
-        self.global_states[server_round] = from_record(arrays)
-        config = ConfigRecord({"scenario": self.scenario_text, "lr": self.scenario.training.lr_at(server_round, self.scenario.federation.rounds),
-                               "server-round": server_round})
+        trace = RoundTrace(self.scenario.round_training(server_round), from_record(arrays), clients)
+        self.traces[server_round] = trace
+        config = ConfigRecord({"scenario": self.scenario_text, "lr": trace.training.lr, "server-round": server_round})
         client_to_node = {c: n for n, c in self.node_to_client.items()}
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, [client_to_node[c] for c in clients], MessageType.TRAIN)
@@ -123,22 +125,12 @@ class CuriousFedAvg(FedAvg):
             else:
                 ok.append((client, msg))
         ok.sort(key=lambda pair: pair[0])
-        for client, msg in ok:
-            truth_record = msg.content.pop(GROUND_TRUTH_KEY)
-            self.tap(server_round, client, msg, truth_record)
+        for client, msg in ok:  # the tap: every update, before FedAvg sees the message
+            upload = take_upload(msg.content, trace.global_state)
+            self.sink.submit(*observe(self.scenario, self.domain, trace.training, server_round, client,
+                                      trace.global_state, upload))
         arrays, metrics = super().aggregate_train(server_round, [m for _, m in ok])
         if metrics is not None:
             trace.train_loss = float(metrics["train-loss"])
-        self.global_states.pop(server_round, None)
+        trace.global_state = None
         return arrays, metrics
-
-    def tap(self, server_round: int, client: int, msg: Message, truth_record: ArrayRecord) -> None:
-        theta = self.global_states[server_round]
-        received = from_record(msg.content[self.arrayrecord_key])
-        metrics = msg.content["metrics"]
-        truth = from_record(truth_record)
-        ground_truth = GroundTruth(truth["inputs"], truth["labels"], unpack_batches(truth["batches"]))
-        observation = observe(self.scenario, self.domain, server_round, client, theta,
-                              {k: received[k] - theta[k] for k in theta}, int(metrics["num-examples"]),
-                              int(metrics["steps"]), ground_truth)
-        self.sink.submit(observation, ground_truth)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.cli import main
+from fedsim.run.cli import main
 from fedsim.scenario import Scenario, load_scenario, parse_scenario, scenario_to_table
-from server.setup import validate_scenario
+from fedsim.run.preparation import validate_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_bad_scenario_exits_with_one_line_naming_file_and_key(tmp_path, capsys, 
 
 def test_missing_file_and_no_traceback_from_the_real_command(tmp_path):
     missing = tmp_path / "nope.toml"
-    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", str(missing)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "fedsim.run.cli", "run", str(missing)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

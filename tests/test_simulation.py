@@ -10,8 +10,9 @@ from clients.training import train_locally
 from defenses.registry import build_defense
 from fedsim.models import build_model
 from fedsim.seeding import generator
-from fedsim.simulation import run_federation, start_ray
-from server.setup import prepare_server_setup
+from fedsim.run.ray_cluster import start_ray
+from fedsim.run.simulation import run_federation
+from fedsim.run.preparation import prepare_run
 from server.strategy import RecordingSink
 
 TINY = """
@@ -43,7 +44,7 @@ def _run(tmp_path: Path, name: str):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
     start_ray(None, 0)
-    setup = prepare_server_setup(path, tmp_path / name, show_progress=False)
+    setup = prepare_run(path, tmp_path / name, show_progress=False)
     setup.sink = RecordingSink()
     try:
         run_federation(setup)

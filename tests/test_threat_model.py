@@ -9,6 +9,7 @@ from adversary.observation import GroundTruth, Observation, observe
 from adversary.attacks.base import Attack
 from adversary.runtime.registry import ATTACKS, available_attacks
 from fedsim.domain import DataDomain
+from fedsim.records import ClientUpload
 from fedsim.scenario import parse_scenario
 
 
@@ -37,9 +38,11 @@ def test_observation_has_no_ground_truth_field():
 
 def test_labels_and_defense_only_when_the_scenario_grants_them():
     domain = DataDomain((1, 2, 2), 2, (0.5,), (0.5,))
-    truth = GroundTruth(torch.zeros(1, 1, 2, 2), torch.tensor([1]), ((0,),))
-    args = (domain, 1, 0, {}, {}, 1, 1, truth)
-    hidden = observe(parse_scenario({}), *args)
+    upload = ClientUpload({}, 1, 1, 0.0, torch.zeros(1, 1, 2, 2), torch.tensor([1]), [(0,)])
+    scenario = parse_scenario({})
+    hidden, truth = observe(scenario, domain, scenario.round_training(1), 1, 0, {}, upload)
     assert hidden.labels is None and hidden.defense is None
-    granted = observe(parse_scenario({"attack": {"grant_labels": True, "knows_defense": True}}), *args)
-    assert torch.equal(granted.labels, truth.labels) and granted.defense.name == "none"
+    assert torch.equal(truth.labels, upload.labels) and truth.batches == ((0,),)
+    granting = parse_scenario({"attack": {"grant_labels": True, "knows_defense": True}})
+    granted, _ = observe(granting, domain, granting.round_training(1), 1, 0, {}, upload)
+    assert torch.equal(granted.labels, upload.labels) and granted.defense.name == "none"

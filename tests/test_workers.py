@@ -7,11 +7,11 @@ import pytest
 import ray
 
 from adversary.runtime.workers import InversionPool
-from fedsim.cli import main
+from fedsim.run.cli import main
 from fedsim.rundir import LEAKAGE, RunDirectory
-from fedsim.single_shot import observe_first_update
-from fedsim.simulation import start_ray
-from server.setup import prepare_server_setup
+from fedsim.run.single_shot import observe_first_update
+from fedsim.run.ray_cluster import start_ray
+from fedsim.run.preparation import prepare_run
 
 SCENARIO = """
 name = "pool"
@@ -69,7 +69,7 @@ def ray_session():
 def test_killed_worker_yields_failed_record_and_nothing_else_is_lost(tmp_path, ray_session):
     path = tmp_path / "pool.toml"
     path.write_text(SCENARIO.format(geiping_iterations=100000))
-    setup = prepare_server_setup(path, tmp_path / "run", show_progress=False)
+    setup = prepare_run(path, tmp_path / "run", show_progress=False)
     pool: InversionPool = setup.sink
     observation, truth = observe_first_update(setup.scenario, setup.splits, client=0)
     pool.submit(observation, truth)  # geiping (long) and dlg (short)

@@ -2,7 +2,9 @@
 
 ``InversionPool.submit(observation, truth)`` turns a tapped update into one job per
 planned attack (if the plan selects that round and client) and hands it to an idle actor
-(``num_gpus=1`` when CUDA is available, ``num_cpus=attack.worker_cpus`` otherwise). A
+(placed with the Ray resources the wiring chooses: a GPU where CUDA exists, else an inversion
+slot or CPUs, see ``fedsim.run.ray_cluster``). The pool joins the Ray cluster the wiring
+started; it never starts one. A
 collector thread streams finished jobs to ``leakage.jsonl`` (one flushed line each) and
 their image grids to ``reconstructions/``. A job past its timeout gets its actor killed
 and replaced and a "timeout" record; an actor that dies yields a "failed" record; nothing
@@ -30,10 +32,6 @@ from fedsim.scenario import AttackPlan, Scenario
 
 #: extra seconds past a job's own deadline before its actor is killed
 HARD_TIMEOUT_GRACE_S = 30.0
-#: custom Ray resource that reserves inversion workers apart from the CPUs Flower sizes
-#: its client-actor pool by (Flower counts *total* CPUs; workers holding CPUs would leave
-#: a client actor unschedulable and the federation stuck)
-INVERSION_SLOT = "inversion_slot"
 
 
 def plan_selects(plan: AttackPlan, server_round: int, client_id: int) -> bool:
@@ -85,20 +83,16 @@ class _Running:
 class InversionPool:
     """Asynchronous attack execution for one run (see module docstring)."""
 
-    def __init__(self, scenario: Scenario, run_dir: RunDirectory, ray_address: str | None = None,
+    def __init__(self, scenario: Scenario, run_dir: RunDirectory, actor_options: dict[str, Any],
                  show_progress: bool = True):
+        """Start ``attack.pool_size`` workers on the running Ray cluster, each placed with
+        ``actor_options`` (Ray resources: the wiring decides, ``fedsim.run.ray_cluster``)."""
         self.scenario = scenario
         self.plan = scenario.attack
         self.params = resolve_attack_params(self.plan.attacks, self.plan.params, scenario.source)
         self.run_dir = run_dir
         self.show_progress = show_progress
-        if not ray.is_initialized():
-            if ray_address:
-                ray.init(address=ray_address, logging_level="WARNING")
-            else:
-                ray.init(include_dashboard=False, logging_level="WARNING",
-                         resources={INVERSION_SLOT: self.plan.pool_size})
-        self.use_gpu = torch.cuda.is_available()
+        self.actor_options = actor_options
         self.progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         self.idle = [self._new_actor() for _ in range(self.plan.pool_size)]
         ray.get([a.ready.remote() for a in self.idle])
@@ -112,14 +106,8 @@ class InversionPool:
         self.collector.start()
 
     def _new_actor(self) -> Any:
-        if self.use_gpu:
-            options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0}
-        elif ray.cluster_resources().get(INVERSION_SLOT, 0) >= 1:
-            options = {"num_cpus": 0, "resources": {INVERSION_SLOT: 1}}
-        else:  # a cluster started without slots: reserve real CPUs
-            options = {"num_cpus": self.plan.worker_cpus}
         env = {"OMP_NUM_THREADS": str(max(1, int(self.plan.worker_cpus)))}
-        return InversionWorker.options(**options, runtime_env={"env_vars": env}).remote(self.progress)
+        return InversionWorker.options(**self.actor_options, runtime_env={"env_vars": env}).remote(self.progress)
 
     # -- submission -------------------------------------------------------------------
     def submit(self, observation: Observation, truth: GroundTruth) -> None:

@@ -8,37 +8,34 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from adversary.runtime.execution import plan_jobs, run_job, store_result
-from adversary.scoring.metrics import LpipsScorer
 from adversary.observation import GroundTruth, Observation, observe
+from adversary.runtime.execution import plan_jobs, run_job, store_result
 from adversary.runtime.registry import resolve_attack_params
+from adversary.scoring.metrics import LpipsScorer
 from clients.training import run_client_round
 from fedsim.config import ScenarioError
 from fedsim.data import DatasetSplits, scenario_partitions
-from fedsim.models import state_to_tensors
+from fedsim.models import initial_model, state_to_tensors
+from fedsim.run.preparation import prepare_run
 from fedsim.scenario import Scenario
-from server.app import initial_model
-from server.setup import ServerSetup, prepare_server_setup
+from server.app import ServerSetup
 
 
 def observe_first_update(scenario: Scenario, splits: DatasetSplits, client: int) -> tuple[Observation, GroundTruth]:
     """Client ``client`` trains once from the initial global model (round 1, with the same
     seeds as a full run); returns what the server observes and the ground truth."""
     server_round = 1
+    training = scenario.round_training(server_round)
     parts = scenario_partitions(scenario, splits)
     theta = state_to_tensors(initial_model(scenario, splits.domain.shape, splits.domain.num_classes))
-    work = run_client_round(scenario, splits, parts[client], client, server_round, theta,
-                            scenario.training.lr_at(server_round, scenario.federation.rounds))
-    truth = GroundTruth(work.inputs, work.labels, tuple(work.batches))
-    observation = observe(scenario, splits.domain, server_round, client, theta, work.update, work.num_examples,
-                          len(work.batches), truth)
-    return observation, truth
+    upload = run_client_round(scenario, splits, parts[client], client, server_round, theta, training.lr)
+    return observe(scenario, splits.domain, training, server_round, client, theta, upload)
 
 
 def attack_once(scenario_path: str | Path, out: str | Path | None = None,
                 show_progress: bool = True) -> tuple[ServerSetup, list[dict]]:
     """Run the plan's attacks on one update; returns the setup and the leakage records."""
-    setup = prepare_server_setup(scenario_path, out, show_progress=show_progress, with_sink=False)
+    setup = prepare_run(scenario_path, out, show_progress=show_progress, with_sink=False)
     scenario, splits = setup.scenario, setup.splits
     plan = scenario.attack
     if not plan.attacks:

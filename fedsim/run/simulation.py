@@ -1,4 +1,4 @@
-"""Wiring: start (or join) Ray, build the server and client apps, run the federation.
+"""``fedsim run``: start (or join) Ray, build the server and client apps, run the federation.
 
 This is the only module that calls Flower's simulation entry point, so moving from the
 deprecated ``run_simulation`` to ``flwr run`` is a one-place edit.
@@ -6,39 +6,16 @@ deprecated ``run_simulation`` to ``flwr run`` is a one-place edit.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 
-import ray  # noqa: E402
-from flwr.app import Context  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-
-from adversary.runtime.workers import INVERSION_SLOT  # noqa: E402
-from clients.app import app as client_app  # noqa: E402
-from server.app import serve  # noqa: E402
-from server.setup import ServerSetup, prepare_server_setup  # noqa: E402
-
-
-def start_ray(ray_address: str | None, inversion_workers: int) -> None:
-    """Join the cluster at ``ray_address`` or start a local Ray with one CPU per core for
-    the client actors plus ``inversion_workers`` inversion slots (see adversary.runtime.workers)."""
-    if ray.is_initialized():
-        return
-    pythonpath = os.pathsep.join(sys.path)
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "FLWR_TELEMETRY_ENABLED": "0",
-                                "RAY_USAGE_STATS_ENABLED": "0"}}
-    if ray_address:
-        ray.init(address=ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, resources={INVERSION_SLOT: inversion_workers},
-                 include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
+from clients.app import app as client_app
+from fedsim.run.preparation import prepare_run, validate_scenario
+from fedsim.run.ray_cluster import start_ray, stop_ray
+from server.app import ServerSetup, serve
 
 
 def _drop_expected_flower_warnings(record: logging.LogRecord) -> bool:
@@ -72,17 +49,14 @@ def run_federation(setup: ServerSetup) -> None:
 
 def run_scenario(scenario_path: str | Path, out: str | Path | None = None, ray_address: str | None = None,
                  show_progress: bool = True, verbose: bool = False) -> ServerSetup:
-    """Validate, prepare the run directory, run. Returns the setup (run_dir inside)."""
-    from server.setup import validate_scenario
-
+    """Validate, start Ray, prepare the run directory, run. Returns the setup (run_dir inside)."""
     scenario = validate_scenario(scenario_path)
     plan = scenario.attack
     start_ray(ray_address, plan.pool_size if plan.attacks else 0)
-    setup = prepare_server_setup(scenario_path, out, ray_address, show_progress, scenario=scenario)
-    setup.verbose = verbose
     try:
+        setup = prepare_run(scenario_path, out, show_progress, scenario=scenario)
+        setup.verbose = verbose
         run_federation(setup)
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
+        stop_ray()
     return setup

@@ -13,40 +13,16 @@ import warnings
 from pathlib import Path
 
 from fedsim.config import ScenarioError
+from fedsim.run.tables import leakage_table, rounds_table
 
 
 class UserError(Exception):
     """An error caused by the user's input; printed as one line, no traceback."""
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
-def _fmt(value: object, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def rounds_table(records: list[dict]) -> str:
-    rows = [[r["round"], _fmt(r["test_accuracy"]), _fmt(r["test_loss"]), _fmt(r["train_loss"]),
-             len(r["clients"]), len(r["failures"]), _fmt(r["seconds"], ".1f")] for r in records]
-    return _table(rows, ["round", "test_acc", "test_loss", "train_loss", "clients", "failed", "seconds"])
-
-
-def leakage_table(records: list[dict]) -> str:
-    rows = [[r["round"], r["client"], r["attack"], r["defense"], r["status"], _fmt(r["psnr_mean"], ".2f"),
-             _fmt(r["psnr_best"], ".2f"), _fmt(r["ssim_mean"], ".3f"), _fmt(r["lpips_mean"], ".3f"),
-             _fmt(r["label_acc"], ".2f"), _fmt(r["recovered_share"], ".2f"), r["num_images"] or "-",
-             r["iterations"] or "-", _fmt(r["seconds"], ".1f")] for r in records]
-    return _table(rows, ["round", "client", "attack", "defense", "status", "psnr", "psnr_best", "ssim", "lpips",
-                         "label_acc", "recovered", "images", "iters", "seconds"])
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.rundir import LEAKAGE, ROUNDS
-    from fedsim.simulation import run_scenario
+    from fedsim.run.simulation import run_scenario
 
     setup = run_scenario(args.scenario, args.out, args.ray_address, show_progress=not args.quiet,
                          verbose=args.verbose)
@@ -66,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from fedsim.single_shot import attack_once
+    from fedsim.run.single_shot import attack_once
 
     setup, records = attack_once(args.scenario, args.out, show_progress=not args.quiet)
     print(f"\nScenario {setup.scenario.name} ({setup.scenario.source}) -> {setup.run_dir.path}")
@@ -75,7 +51,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from server.setup import validate_scenario
+    from fedsim.run.preparation import validate_scenario
 
     scenario = validate_scenario(args.scenario)
     print(f"{args.scenario}: ok ({scenario.name})")

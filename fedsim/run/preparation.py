@@ -1,36 +1,24 @@
 """Preparing a run: validate the whole scenario (including the defense and attack tables,
-via their registries) before anything starts, create the run directory, pick the device
-and the attack sink."""
+via their registries) before anything starts, load the data, create the run directory, pick
+the device and the attack sink."""
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 import torch
 
 from adversary.runtime.registry import resolve_attack_params
+from adversary.runtime.workers import InversionPool
 from defenses.registry import resolve_defense_params
 from fedsim.config import ScenarioError
 from fedsim.data import DatasetSplits, load_data, scenario_partitions
+from fedsim.run.ray_cluster import inversion_worker_options
 from fedsim.rundir import RunDirectory
 from fedsim.scenario import Scenario, load_scenario, scenario_to_table
+from server.app import ServerSetup
 from server.strategy import AttackSink, RecordingSink
-
-
-@dataclass
-class ServerSetup:
-    """Everything the server needs for one run."""
-
-    scenario: Scenario
-    scenario_text: str  # resolved scenario as TOML, sent to clients each round
-    run_dir: RunDirectory
-    sink: AttackSink
-    device: torch.device
-    splits: DatasetSplits
-    show_progress: bool = True
-    verbose: bool = False  # Flower/Ray INFO logs
 
 
 def validate_scenario(path: str | Path) -> Scenario:
@@ -62,19 +50,17 @@ def default_run_dir(scenario: Scenario) -> Path:
     return Path("runs") / f"{scenario.name}-{stamp}"
 
 
-def make_sink(scenario: Scenario, run_dir: RunDirectory, ray_address: str | None,
-              show_progress: bool = True) -> AttackSink:
+def make_sink(scenario: Scenario, run_dir: RunDirectory, show_progress: bool = True) -> AttackSink:
+    """The inversion pool on the running Ray cluster, or a recorder when no attack is planned."""
     if not scenario.attack.attacks:
         return RecordingSink()
-    from adversary.runtime.workers import InversionPool
-
-    return InversionPool(scenario, run_dir, ray_address=ray_address, show_progress=show_progress)
+    return InversionPool(scenario, run_dir, inversion_worker_options(scenario.attack), show_progress=show_progress)
 
 
-def prepare_server_setup(scenario_path: str | Path, out: str | Path | None = None, ray_address: str | None = None,
-                         show_progress: bool = True, scenario: Scenario | None = None,
-                         with_sink: bool = True) -> ServerSetup:
-    """Validate, load the data, create the run directory and (``with_sink``) the attack sink."""
+def prepare_run(scenario_path: str | Path, out: str | Path | None = None, show_progress: bool = True,
+                scenario: Scenario | None = None, with_sink: bool = True) -> ServerSetup:
+    """Validate, load the data, create the run directory and (``with_sink``, Ray running) the
+    attack sink."""
     scenario = scenario or validate_scenario(scenario_path)
     device = pick_device(scenario)
     splits = load_data(scenario.data, scenario.seed)  # fails here, before any round, if data is missing
@@ -82,5 +68,5 @@ def prepare_server_setup(scenario_path: str | Path, out: str | Path | None = Non
     run_dir = RunDirectory.create(out or default_run_dir(scenario))
     run_dir.write_setup(scenario, str(device))
     text = tomli_w.dumps(scenario_to_table(scenario))
-    sink = make_sink(scenario, run_dir, ray_address, show_progress) if with_sink else RecordingSink()
+    sink = make_sink(scenario, run_dir, show_progress) if with_sink else RecordingSink()
     return ServerSetup(scenario, text, run_dir, sink, device, splits, show_progress)

@@ -1,0 +1,24 @@
+"""The ServerApp of the Flower App (``flwr run .``; ``pyproject.toml``'s
+``[tool.flwr.app.components]``): the scenario comes from the app's run config
+(``scenario``, optional ``out``); the ClientApp is ``clients.app:app``."""
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.run.preparation import prepare_run, validate_scenario
+from fedsim.run.ray_cluster import start_ray
+from server.app import serve
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Runs in Flower's ServerApp process, which has no Ray: the inversion workers get a local
+    Ray of their own when the scenario plans attacks."""
+    path = str(context.run_config["scenario"])
+    scenario = validate_scenario(path)
+    if scenario.attack.attacks:
+        start_ray(None, scenario.attack.pool_size)
+    serve(grid, prepare_run(path, context.run_config.get("out") or None, scenario=scenario))
