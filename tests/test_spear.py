@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from adversary.attacks.spear import SpearParams, estimate_batch_size, invert_observation, spear_invert_linear
+from adversary.attacks.spear import (REPLAY_TOL, SpearParams, estimate_batch_size, invert_observation, refine_images,
+                                     replay_checker, replay_layer_gradients, spear_invert_linear)
 from adversary.scoring.metrics import psnr
-from adversary.spear_extensions import REPLAY_TOL, refine_images, replay_checker, replay_layer_gradients
 from adversary.maths.unroll import observed_gradient
 from adversary.observation import Observation
 from adversary.attacks.base import AttackContext

@@ -97,7 +97,8 @@ from torch import nn
 from adversary.maths.matching import BN_WEIGHT, TV_WEIGHT, num_examples
 from adversary.observation import Observation, Reconstruction, global_model
 from adversary.attacks.base import Attack, AttackContext
-from adversary.spear_extensions import fit_images_to_features, refine_images, replay_checker, slot_labels
+from adversary.attacks.spear.replay import (REPLAY_TOL, fit_images_to_features, refine_images, replay_checker,
+                                           replay_layer_gradients, slot_labels)
 from adversary.maths.unroll import observed_gradient
 
 
