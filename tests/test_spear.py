@@ -1,4 +1,4 @@
-"""SPEAR: exact batch inversion through a linear+ReLU layer (adversary/attacks/spear.py).
+"""SPEAR: exact batch inversion through a linear+ReLU layer (adversary/attacks/spear/).
 
 Realistic setting: MLP 3x32x32 -> 256 -> ReLU -> 10 with torch's default init, FedSGD
 gradient of the batch-mean cross entropy, photos from the embedded data set
