@@ -1,4 +1,4 @@
-"""Benchmark SPEAR (adversary/attacks/spear.py) on the realistic single-gradient setting.
+"""Benchmark SPEAR (adversary/attacks/spear/) on the realistic single-gradient setting.
 
 Setting: MLP 3x32x32 -> 256 -> ReLU -> 10 with torch's default init (seed = batch seed),
 FedSGD gradient of the batch-mean cross entropy on ``b`` random photos of the embedded

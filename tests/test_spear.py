@@ -1,4 +1,4 @@
-"""SPEAR: exact batch inversion through a linear+ReLU layer (adversary/attacks/spear.py).
+"""SPEAR: exact batch inversion through a linear+ReLU layer (adversary/attacks/spear/).
 
 Realistic setting: MLP 3x32x32 -> 256 -> ReLU -> 10 with torch's default init, FedSGD
 gradient of the batch-mean cross entropy, photos from the embedded data set
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from adversary.attacks.spear import SpearParams, estimate_batch_size, invert_observation, spear_invert_linear
+from adversary.attacks.spear import (REPLAY_TOL, SpearParams, estimate_batch_size, invert_observation, refine_images,
+                                     replay_checker, replay_layer_gradients, spear_invert_linear)
 from adversary.scoring.metrics import psnr
-from adversary.spear_extensions import REPLAY_TOL, refine_images, replay_checker, replay_layer_gradients
 from adversary.maths.unroll import observed_gradient
 from adversary.observation import Observation
 from adversary.attacks.base import AttackContext
