@@ -5,14 +5,18 @@ dataclass. Fields may carry constraints in ``dataclasses.field(metadata=...)``:
 
 - ``choices``: allowed values (strings),
 - ``min`` / ``max``: inclusive numeric bounds, ``gt``: exclusive lower bound,
+- ``pattern``: a regular expression a string must match in full (``pattern_doc`` says it in words),
 - ``doc``: one line shown in error messages and the README.
 
+Floats must be finite (TOML allows ``nan`` and ``inf``; no field accepts them).
 Errors are raised as :class:`ScenarioError`, which names the file, the dotted key,
 the bad value and what is allowed, so the CLI can print one clear line.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -84,6 +88,8 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ScenarioError(source, key, f"got {value!r}, must be a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -102,6 +108,9 @@ def _check_constraints(value: Any, meta: Mapping[str, Any], source: str, key: st
         if choices is not None and item not in choices:
             allowed = ", ".join(repr(c) for c in choices)
             raise ScenarioError(source, key, f"got {item!r}, allowed: {allowed}")
+        pattern = meta.get("pattern")
+        if pattern is not None and isinstance(item, str) and not re.fullmatch(pattern, item):
+            raise ScenarioError(source, key, f"got {item!r}, must be {meta.get('pattern_doc', f'like {pattern}')}")
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
             if lo is not None and item < lo:

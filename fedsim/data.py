@@ -303,11 +303,28 @@ def _load_torchvision(spec: DataSpec, seed: int) -> Loaded:
         except (RuntimeError, OSError) as exc:
             detail = str(exc).splitlines()[0] if spec.download else "missing, incomplete or corrupted"
             raise _missing(spec, root.resolve(), expected, detail) from None
+        except Exception as exc:  # noqa: BLE001 - torchvision's parsers fail on corrupt files with any type
+            detail = f"corrupt: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+            raise _missing(spec, root.resolve(), expected, detail) from None
         data = torch.as_tensor(np.asarray(ds.data))  # CIFAR: (N, 32, 32, 3); MNIST: (N, 28, 28); uint8
         data = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+        targets = torch.as_tensor(ds.targets).long()
+        split = "train" if train else "test"
+        _check_labels(spec, root.resolve() / split, targets, len(data), len(ds.classes))
         idx = torch.from_numpy(_subset(len(data), cap, _rng(seed, stream)))
-        out += [_resize(data[idx].float() / 255.0, spec.image_size), torch.as_tensor(ds.targets)[idx].long()]
+        out += [_resize(data[idx].float() / 255.0, spec.image_size), targets[idx]]
     return out[0], out[1], out[2], out[3], list(ds.classes)
+
+
+def _check_labels(spec: DataSpec, where: Path, labels: torch.Tensor, num_images: int, num_classes: int) -> None:
+    """One label per image, each a class index in [0, num_classes); else a DataError naming ``where``."""
+    if len(labels) != num_images:
+        raise DataError(f"data set '{spec.dataset}' in '{where}': {len(labels)} labels for {num_images} images "
+                        "(the label file does not match the image file)")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(f"data set '{spec.dataset}' in '{where}': labels range over "
+                        f"{int(labels.min())}..{int(labels.max())}, but there are {num_classes} classes "
+                        f"(0..{num_classes - 1}); the label file is corrupt")
 
 
 def _load_imagefolder(spec: DataSpec, seed: int) -> Loaded:
@@ -321,11 +338,11 @@ def _load_imagefolder(spec: DataSpec, seed: int) -> Loaded:
         folder = (Path(spec.root) / split).resolve()
         try:
             ds = ImageFolder(str(folder))
-            idx = _subset(len(ds), cap, _rng(seed, stream))
-            # ImageFolder's loader returns RGB PIL images; crop the centre square, then resize
-            unit = [pil_to_tensor(ds.loader(ds.samples[i][0])).float() / 255.0 for i in idx]
-        except OSError as exc:  # no folder, no class folders, no images, unreadable image
+        except OSError as exc:  # no folder, no class folders, no images
             raise _missing(spec, folder, expected, str(exc).splitlines()[0]) from None
+        idx = _subset(len(ds), cap, _rng(seed, stream))
+        # ImageFolder's loader returns RGB PIL images; crop the centre square, then resize
+        unit = [pil_to_tensor(_read_image(ds, ds.samples[i][0])).float() / 255.0 for i in idx]
         if classes and ds.classes != classes:
             raise DataError(f"data set 'imagefolder': class folders in '{folder}' {ds.classes} differ from "
                             f"train/ {classes}; give test/ the same class folders")
@@ -333,6 +350,16 @@ def _load_imagefolder(spec: DataSpec, seed: int) -> Loaded:
         images = [_resize(center_crop(img, [min(img.shape[1:])])[None], spec.image_size) for img in unit]
         out += [torch.cat(images), torch.as_tensor(ds.targets)[torch.from_numpy(idx)].long()]
     return out[0], out[1], out[2], out[3], classes
+
+
+def _read_image(ds, path: str):  # noqa: ANN001, ANN202 - a torchvision ImageFolder, a PIL image
+    """``ds.loader(path)``, with a DataError naming the file when it is corrupt or truncated
+    (PIL raises OSError, SyntaxError or ValueError depending on the damage)."""
+    try:
+        return ds.loader(path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"data set 'imagefolder': cannot read image '{path}' ({type(exc).__name__}: {exc}); "
+                        "replace or remove that file") from None
 
 
 def scenario_partitions(scenario: Scenario, splits: DatasetSplits) -> list[torch.Tensor]:

@@ -57,6 +57,11 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating tensor of a state dict (or update) holds only finite values."""
+    return all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+
+
 def reply_content(global_state: dict[str, torch.Tensor], upload: ClientUpload) -> RecordDict:
     """The client's reply: θ' = θ_t + Δ, the reported metrics and the evaluation-only record."""
     new_state = {k: global_state[k] + upload.update[k] for k in global_state}

@@ -53,6 +53,7 @@ class FederationSpec:
     rounds: int = field(default=3, metadata={"min": 1})
     client_cpus: float = field(default=1.0, metadata={"gt": 0.0})
     failing_clients: tuple[int, ...] = field(default=(), metadata={"min": 0, "doc": "client ids that raise (fault-injection tests)"})
+    failures_expected: bool = field(default=False, metadata={"doc": "a round in which every sampled client fails does not stop the run"})
 
     def check(self) -> tuple[str, str] | None:
         if self.clients_per_round > self.num_clients:
@@ -121,9 +122,14 @@ class AttackPlan:
     params: dict = field(default_factory=dict)
 
 
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+
+
 @dataclass(frozen=True)
 class Scenario:
-    name: str = "scenario"
+    name: str = field(default="scenario", metadata={
+        "pattern": NAME_PATTERN, "doc": "names the default run directory runs/NAME-TIMESTAMP",
+        "pattern_doc": "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"})
     description: str = ""
     seed: int = 0
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
@@ -194,8 +200,13 @@ def load_scenario(path: str | Path) -> Scenario:
     if not path.is_file():
         raise ScenarioError(path, "", "file not found")
     try:
-        with path.open("rb") as fh:
-            table = tomllib.load(fh)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(path, "", f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ScenarioError(path, "", f"cannot be read ({exc.strerror})") from None
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(path, "", f"not valid TOML: {exc}") from None
     return parse_scenario(table, path)

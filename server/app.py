@@ -1,11 +1,18 @@
 """The server's main loop: runs the curious FedAvg, evaluates the global model every round,
 writes ``rounds.jsonl`` and waits for the planned attacks before it returns.
 
+A run stops early, with the round written, when the global model diverges (a non-finite
+weight or loss: :class:`RunDiverged`) or when every sampled client of a round failed and the
+scenario does not expect that (:class:`RoundFailed`). Each failed client prints one line; its
+full error goes to ``clients.log`` in the run directory.
+
 The Flower ``ServerApp`` objects that call :func:`serve` belong to the wiring
 (``fedsim.run``): one for ``fedsim run`` and one for ``flwr run .``.
 """
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -17,7 +24,8 @@ from tqdm import tqdm
 from fedsim.data import DatasetSplits
 from fedsim.evaluation import evaluate_model
 from fedsim.models import initial_model, state_to_tensors
-from fedsim.rundir import ROUNDS, RunDirectory
+from fedsim.records import all_finite
+from fedsim.rundir import CLIENT_LOG, ROUNDS, RunDirectory
 from fedsim.scenario import Scenario
 from server.strategy import AttackSink, CuriousFedAvg
 
@@ -29,11 +37,45 @@ class ServerSetup:
     scenario: Scenario
     scenario_text: str  # resolved scenario as TOML, sent to clients each round
     run_dir: RunDirectory
-    sink: AttackSink
+    sink: AttackSink | None  # None: no attack planned, nothing is tapped
     device: torch.device
     splits: DatasetSplits
     show_progress: bool = True
     verbose: bool = False  # Flower/Ray INFO logs
+
+
+class RunStopped(Exception):
+    """The run stopped before its last round; ``exit_status`` is the command's."""
+
+    exit_status = 1
+
+
+class RunDiverged(RunStopped):
+    exit_status = 3
+
+    def __init__(self, server_round: int, what: str):
+        super().__init__(f"round {server_round} diverged ({what}); the run stops here. Lower training.lr, "
+                         "or check the defense's noise scale")
+
+
+class RoundFailed(RunStopped):
+    exit_status = 4
+
+    def __init__(self, server_round: int, failures: int):
+        super().__init__(f"round {server_round}: all {failures} sampled clients failed (first errors above, all in "
+                         f"{CLIENT_LOG}); the run stops here. Set federation.failures_expected = true "
+                         "to carry on through such rounds")
+
+
+def _divergence(state: dict[str, torch.Tensor], train_loss: float | None, test_loss: float | None) -> str | None:
+    """What is not finite about a round's result, or None."""
+    if not all_finite(state):
+        return "non-finite global weights"
+    if train_loss is not None and not math.isfinite(train_loss):
+        return "non-finite training loss"
+    if test_loss is not None and not math.isfinite(test_loss):
+        return "non-finite test loss"
+    return None
 
 
 def serve(grid: Grid, setup: ServerSetup) -> None:
@@ -43,19 +85,36 @@ def serve(grid: Grid, setup: ServerSetup) -> None:
     strategy = CuriousFedAvg(scenario, setup.scenario_text, splits.domain, setup.sink)
     bar = tqdm(total=scenario.federation.rounds, desc="FL rounds", unit="round", disable=not setup.show_progress)
 
+    def report_failures(server_round: int, trace) -> None:  # noqa: ANN001 - a RoundTrace
+        for failure, detail in zip(trace.failures, trace.failure_details):
+            tqdm.write(f"fedsim: warning: round {server_round}: client {failure['client']} failed: "
+                       f"{failure['error']}", file=sys.stderr)
+            setup.run_dir.log(CLIENT_LOG, f"--- round {server_round}, client {failure['client']}\n{detail}")
+
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
-        model.load_state_dict(arrays.to_torch_state_dict())
-        accuracy, loss = evaluate_model(model, splits.test_x, splits.test_y, setup.device)
         trace = strategy.traces[server_round]
+        report_failures(server_round, trace)
+        state = arrays.to_torch_state_dict()
+        accuracy = loss = None
+        diverged = _divergence(state, trace.train_loss, None)
+        if diverged is None:
+            model.load_state_dict(state)
+            accuracy, loss = evaluate_model(model, splits.test_x, splits.test_y, setup.device)
+            diverged = _divergence({}, None, loss)
         setup.run_dir.append(ROUNDS, {
-            "round": server_round, "test_accuracy": accuracy, "test_loss": loss,
-            "train_loss": trace.train_loss, "clients": trace.clients, "failures": trace.failures,
+            "round": server_round, "test_accuracy": accuracy if diverged is None else None,
+            "test_loss": loss if diverged is None else None, "train_loss": trace.train_loss,
+            "clients": trace.clients, "failures": trace.failures, "diverged": diverged is not None,
             "seconds": round(time.monotonic() - trace.started, 3),
         })
-        bar.set_postfix(acc=f"{accuracy:.3f}", failures=len(trace.failures))
+        bar.set_postfix(acc="-" if accuracy is None else f"{accuracy:.3f}", failures=len(trace.failures))
         bar.update()
+        if diverged is not None:
+            raise RunDiverged(server_round, diverged)
+        if trace.clients and len(trace.failures) == len(trace.clients) and not scenario.federation.failures_expected:
+            raise RoundFailed(server_round, len(trace.failures))
         return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
 
     try:
@@ -63,6 +122,5 @@ def serve(grid: Grid, setup: ServerSetup) -> None:
                        timeout=3600.0, evaluate_fn=evaluate)
     finally:
         bar.close()
-        close = getattr(setup.sink, "close", None)
-        if close is not None:
-            close()
+        if setup.sink is not None:
+            setup.sink.close()

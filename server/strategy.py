@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from adversary.observation import GroundTruth, Observation, observe
 from fedsim.domain import DataDomain
-from fedsim.records import from_record, take_upload
+from fedsim.records import all_finite, from_record, take_upload
 from fedsim.scenario import Scenario, TrainingSpec
 from fedsim.seeding import derive_seed
 
@@ -37,19 +37,18 @@ def concise_error(reason: str) -> str:
 
 
 class AttackSink(Protocol):
-    """Where tapped updates go (the inversion pool, or a recorder in tests)."""
+    """Where tapped updates go (the inversion pool; a recorder in tests). The strategy builds
+    an observation only for the updates the sink ``wants``, and keeps none itself."""
+
+    def wants(self, server_round: int, client_id: int) -> bool: ...
 
     def submit(self, observation: Observation, truth: GroundTruth) -> None: ...
 
+    def close(self) -> None:
+        """Wait for the submitted work to finish (end of the run)."""
 
-@dataclass
-class RecordingSink:
-    """Keeps every tapped (observation, ground truth) pair; the sink when no attack is planned."""
-
-    taps: list[tuple[Observation, GroundTruth]] = field(default_factory=list)
-
-    def submit(self, observation: Observation, truth: GroundTruth) -> None:
-        self.taps.append((observation, truth))
+    def abort(self) -> None:
+        """Abandon the work in flight (the run is interrupted)."""
 
 
 @dataclass
@@ -61,13 +60,14 @@ class RoundTrace:
     training: TrainingSpec
     global_state: dict[str, torch.Tensor] | None = None
     clients: list[int] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # {"client", "error"}: the client's own message
+    failure_details: list[str] = field(default_factory=list)  # Flower's full reason (traceback), per failure
     train_loss: float | None = None
     started: float = field(default_factory=time.monotonic)
 
 
 class CuriousFedAvg(FedAvg):
-    def __init__(self, scenario: Scenario, scenario_text: str, domain: DataDomain, sink: AttackSink):
+    def __init__(self, scenario: Scenario, scenario_text: str, domain: DataDomain, sink: AttackSink | None):
         fed = scenario.federation
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=fed.clients_per_round,
                          min_available_nodes=fed.num_clients)
@@ -122,13 +122,16 @@ class CuriousFedAvg(FedAvg):
             client = self.node_to_client.get(msg.metadata.src_node_id, -1)
             if msg.has_error():
                 trace.failures.append({"client": client, "error": concise_error(msg.error.reason)})
+                trace.failure_details.append(msg.error.reason)
             else:
                 ok.append((client, msg))
         ok.sort(key=lambda pair: pair[0])
         for client, msg in ok:  # the tap: every update, before FedAvg sees the message
-            upload = take_upload(msg.content, trace.global_state)
-            self.sink.submit(*observe(self.scenario, self.domain, trace.training, server_round, client,
-                                      trace.global_state, upload))
+            upload = take_upload(msg.content, trace.global_state)  # strips the evaluation-only record
+            # a diverged update (non-finite) is not attacked: the run stops on it (server.app)
+            if self.sink is not None and self.sink.wants(server_round, client) and all_finite(upload.update):
+                self.sink.submit(*observe(self.scenario, self.domain, trace.training, server_round, client,
+                                          trace.global_state, upload))
         arrays, metrics = super().aggregate_train(server_round, [m for _, m in ok])
         if metrics is not None:
             trace.train_loss = float(metrics["train-loss"])

@@ -1,8 +1,10 @@
 """Shared test helpers (imported by the test modules; not a test file)."""
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
-from adversary.observation import Observation
+from adversary.observation import GroundTruth, Observation
 from fedsim.domain import DataDomain
 from fedsim.models import build_model
 from fedsim.scenario import ModelSpec, TrainingSpec
@@ -25,3 +27,22 @@ def client_update(spec: ModelSpec, domain: DataDomain, x: torch.Tensor, y: torch
         opt.step()
     update = {k: v.detach() - before[k] for k, v in model.state_dict().items()}
     return Observation(1, 0, spec, domain, before, update, training, len(x), len(batches))
+
+
+@dataclass
+class RecordingSink:
+    """An attack sink that keeps every tapped (observation, ground truth) pair (tests only)."""
+
+    taps: list[tuple[Observation, GroundTruth]] = field(default_factory=list)
+
+    def wants(self, server_round: int, client_id: int) -> bool:
+        return True
+
+    def submit(self, observation: Observation, truth: GroundTruth) -> None:
+        self.taps.append((observation, truth))
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass

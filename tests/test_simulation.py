@@ -13,7 +13,7 @@ from fedsim.seeding import generator
 from fedsim.run.ray_cluster import start_ray
 from fedsim.run.simulation import run_federation
 from fedsim.run.preparation import prepare_run
-from server.strategy import RecordingSink
+from helpers import RecordingSink
 
 TINY = """
 name = "tiny"

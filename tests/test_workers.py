@@ -11,7 +11,7 @@ from fedsim.run.cli import main
 from fedsim.rundir import LEAKAGE, RunDirectory
 from fedsim.run.single_shot import observe_first_update
 from fedsim.run.ray_cluster import start_ray
-from fedsim.run.preparation import prepare_run
+from fedsim.run.preparation import make_sink, prepare_run
 
 SCENARIO = """
 name = "pool"
@@ -70,7 +70,7 @@ def test_killed_worker_yields_failed_record_and_nothing_else_is_lost(tmp_path, r
     path = tmp_path / "pool.toml"
     path.write_text(SCENARIO.format(geiping_iterations=100000))
     setup = prepare_run(path, tmp_path / "run", show_progress=False)
-    pool: InversionPool = setup.sink
+    pool: InversionPool = make_sink(setup)
     observation, truth = observe_first_update(setup.scenario, setup.splits, client=0)
     pool.submit(observation, truth)  # geiping (long) and dlg (short)
     deadline = time.monotonic() + 120

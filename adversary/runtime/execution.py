@@ -37,7 +37,9 @@ class AttackJob:
 
 @dataclass
 class LeakageRecord:
-    """One line of ``leakage.jsonl``. ``status`` is "ok", "failed" or "timeout"."""
+    """One line of ``leakage.jsonl``. ``status`` is "ok", "failed" or "timeout" (the attack was
+    stopped by its deadline: the scores are those of what it had reached, or it was killed and
+    there are none)."""
 
     round: int
     client: int
@@ -92,13 +94,11 @@ def failed_record(job: AttackJob, status: str, error: str, seconds: float | None
                          seconds=seconds)
 
 
-def _finite(value: float) -> float | None:
-    return value if value == value and abs(value) != float("inf") else None
-
-
 def run_job(job: AttackJob, device: torch.device, lpips: LpipsScorer | None,
             progress: Callable[[int, int, float], None] | None = None) -> JobResult:
-    """Run ``job`` within its timeout; never raises (a crash becomes a failed record)."""
+    """Run ``job`` within its timeout; never raises (a crash becomes a failed record). An attack
+    that stopped at its deadline (``extras["stopped_early"]``, or it returned after the deadline)
+    is scored on what it reached and recorded as "timeout"."""
     started = time.monotonic()
     obs = job.observation
     ctx = AttackContext(device=device, seed=job.seed, deadline=started + job.timeout_s, progress=progress)
@@ -106,17 +106,20 @@ def run_job(job: AttackJob, device: torch.device, lpips: LpipsScorer | None,
         torch.manual_seed(job.seed)
         recon = get_attack(job.attack).run(obs, job.params, ctx)
         seconds = time.monotonic() - started
+        timed_out = bool(recon.extras.get("stopped_early")) or seconds >= job.timeout_s
+        status, error = ("timeout", f"stopped at its deadline (timeout_s = {job.timeout_s:g}) after "
+                                    f"{recon.iterations} iterations") if timed_out else ("ok", None)
         domain = obs.domain
         truth_unit = domain.to_unit(job.truth.inputs.float().cpu())
         recon_unit = domain.to_unit(recon.inputs.detach().float().cpu())
         scores = score_reconstruction(recon_unit, truth_unit, recon.labels, job.truth.labels,
                                       job.recovered_psnr, lpips)
         record = LeakageRecord(
-            obs.server_round, obs.client_id, job.attack, job.defense, "ok",
+            obs.server_round, obs.client_id, job.attack, job.defense, status, error=error,
             psnr_mean=scores.psnr_mean, psnr_best=scores.psnr_best, ssim_mean=scores.ssim_mean,
             ssim_best=scores.ssim_best, lpips_mean=scores.lpips_mean, lpips_best=scores.lpips_best,
             label_acc=scores.label_acc, recovered_share=scores.recovered_share, num_images=scores.num_images,
-            iterations=recon.iterations, objective=_finite(float(recon.objective)), seconds=round(seconds, 3),
+            iterations=recon.iterations, objective=float(recon.objective), seconds=round(seconds, 3),
             psnr=scores.psnr, extras=dict(recon.extras))
         matched = torch.stack([recon_unit[m] if m is not None else torch.zeros_like(truth_unit[0])
                                for m in scores.matching]) if len(truth_unit) else recon_unit

@@ -99,9 +99,9 @@ class InversionPool:
         self.queue: deque[AttackJob] = deque()
         self.running: dict[Any, _Running] = {}
         self.next_id = 0
-        self.records: list[dict] = []
         self.lock = threading.Lock()
         self.closing = threading.Event()
+        self.aborted = threading.Event()
         self.collector = threading.Thread(target=self._collect_loop, name="inversion-collector", daemon=True)
         self.collector.start()
 
@@ -110,9 +110,12 @@ class InversionPool:
         return InversionWorker.options(**self.actor_options, runtime_env={"env_vars": env}).remote(self.progress)
 
     # -- submission -------------------------------------------------------------------
+    def wants(self, server_round: int, client_id: int) -> bool:
+        return plan_selects(self.plan, server_round, client_id)
+
     def submit(self, observation: Observation, truth: GroundTruth) -> None:
-        if not plan_selects(self.plan, observation.server_round, observation.client_id):
-            return
+        """Queue the plan's jobs for this update. The pool keeps the observation only in those
+        jobs: it is released once they are done."""
         with self.lock:
             jobs = plan_jobs(self.scenario, self.params, observation, truth, self.next_id)
             self.next_id += len(jobs)
@@ -136,7 +139,7 @@ class InversionPool:
 
     # -- collection -------------------------------------------------------------------
     def _collect_loop(self) -> None:
-        while not (self.closing.is_set() and not self.pending()):
+        while not self.aborted.is_set() and not (self.closing.is_set() and not self.pending()):
             self._drain_progress()
             with self.lock:
                 futures = list(self.running)
@@ -197,9 +200,7 @@ class InversionPool:
                 self._dispatch()
 
     def _write(self, result: JobResult) -> None:
-        data = store_result(self.run_dir, result)
-        with self.lock:
-            self.records.append(data)
+        store_result(self.run_dir, result)
 
     # -- waiting ----------------------------------------------------------------------
     def pending(self) -> int:
@@ -222,6 +223,14 @@ class InversionPool:
                     ray.kill(r.actor, no_restart=True)
                     return True
         return False
+
+    def abort(self) -> None:
+        """Stop collecting at once (the run is interrupted): jobs in flight are abandoned, the
+        records written so far stay. Ray itself is shut down by the caller."""
+        self.aborted.set()
+        self.collector.join(timeout=5)
+        for bar in [r.bar for r in self.running.values() if r.bar is not None]:
+            bar.close()
 
     def close(self) -> None:
         """Wait for every submitted job, then stop the collector and the actors."""

@@ -126,6 +126,33 @@ def _default_alexnet_checkpoint() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
+def lpips_checkpoint(alexnet_weights: str | os.PathLike[str] | None = None) -> Path | None:
+    """The AlexNet checkpoint LPIPS will use (see :class:`LpipsScorer`), or None, after one
+    warning per process that says how to enable LPIPS. An explicit path that does not exist
+    raises FileNotFoundError."""
+    global _lpips_unavailable_warned
+    explicit = alexnet_weights if alexnet_weights is not None else os.environ.get(LPIPS_ENV_VAR)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"LPIPS AlexNet checkpoint not found: {path}")
+        return path
+    path = _default_alexnet_checkpoint()
+    if path.is_file():
+        return path
+    if not _lpips_unavailable_warned:
+        _lpips_unavailable_warned = True
+        warnings.warn(
+            f"LPIPS disabled: torchvision's ImageNet AlexNet checkpoint is not at {path} and "
+            f"{LPIPS_ENV_VAR} is not set; LPIPS scores will be None. To enable LPIPS, copy "
+            f"{path.name} (https://download.pytorch.org/models/{path.name}) there or "
+            f"set {LPIPS_ENV_VAR}=/path/to/the/checkpoint.pth.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return None
+
+
 class LpipsScorer:
     """LPIPS (Zhang et al. 2018, AlexNet trunk, v0.1 linear heads) as a leakage metric.
 
@@ -163,16 +190,9 @@ class LpipsScorer:
                 self._model = self._build(None)
             self.source = f"random AlexNet trunk (seed {random_backbone_seed})"
             return
-        explicit = alexnet_weights if alexnet_weights is not None else os.environ.get(LPIPS_ENV_VAR)
-        if explicit:
-            path = Path(explicit)
-            if not path.is_file():
-                raise FileNotFoundError(f"LPIPS AlexNet checkpoint not found: {path}")
-        else:
-            path = _default_alexnet_checkpoint()
-            if not path.is_file():
-                self._warn_unavailable(path)
-                return
+        path = lpips_checkpoint(alexnet_weights)
+        if path is None:
+            return
         self._model = self._build(path)
         self.source = str(path)
 
@@ -195,20 +215,6 @@ class LpipsScorer:
             model.net.load_state_dict(trunk)
         return model.to(self.device).eval().requires_grad_(False)
 
-    @staticmethod
-    def _warn_unavailable(missing: Path) -> None:
-        global _lpips_unavailable_warned
-        if _lpips_unavailable_warned:
-            return
-        _lpips_unavailable_warned = True
-        warnings.warn(
-            f"LPIPS disabled: torchvision's ImageNet AlexNet checkpoint is not at {missing} and "
-            f"{LPIPS_ENV_VAR} is not set; LPIPS scores will be None. To enable LPIPS, copy "
-            f"{missing.name} (https://download.pytorch.org/models/{missing.name}) there or "
-            f"set {LPIPS_ENV_VAR}=/path/to/the/checkpoint.pth.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
     @property
     def available(self) -> bool:

@@ -3,12 +3,18 @@
 ``fedsim run SCENARIO [--out DIR]``     run the federation (and its attack plan)
 ``fedsim attack SCENARIO [--out DIR]``  single shot: attack one update at round 1, print leakage
 ``fedsim validate SCENARIO``            check a scenario file and exit
-Bad input exits with status 2 and one line naming the file and the key.
+
+Exit status: 0 done; 1 incomplete (an attack of ``fedsim attack`` did not finish ok); 2 bad
+input (one line naming the file and the key, or the path); 3 the global model diverged; 4 every
+sampled client of a round failed; 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -20,23 +26,38 @@ class UserError(Exception):
     """An error caused by the user's input; printed as one line, no traceback."""
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.rundir import LEAKAGE, ROUNDS
-    from fedsim.run.simulation import run_scenario
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
 
-    setup = run_scenario(args.scenario, args.out, args.ray_address, show_progress=not args.quiet,
-                         verbose=args.verbose)
-    records = setup.run_dir.read(ROUNDS)
+
+def _print_tables(setup) -> None:  # noqa: ANN001 - a server.app.ServerSetup
+    from fedsim.rundir import LEAKAGE, ROUNDS
+
     print(f"\nScenario {setup.scenario.name} ({setup.scenario.source}) -> {setup.run_dir.path}")
-    print(rounds_table(records))
+    print(rounds_table(setup.run_dir.read(ROUNDS)))
     leakage = setup.run_dir.read(LEAKAGE)
     if leakage:
         print("\nLeakage (PSNR/SSIM/LPIPS after optimal matching; recovered = share of images >= "
               f"{setup.scenario.attack.recovered_psnr:g} dB)")
         print(leakage_table(leakage))
-    if len(records) != setup.scenario.federation.rounds:
-        print(f"fedsim: error: only {len(records)} of {setup.scenario.federation.rounds} rounds completed",
-              file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.run.simulation import run_scenario
+    from fedsim.rundir import ROUNDS
+    from server.app import RunStopped
+
+    try:
+        setup = run_scenario(args.scenario, args.out, args.ray_address, show_progress=not args.quiet,
+                             verbose=args.verbose)
+    except RunStopped as stop:
+        _print_tables(stop.setup)
+        print(f"fedsim: error: {stop}", file=sys.stderr)
+        return stop.exit_status
+    _print_tables(setup)
+    done = len(setup.run_dir.read(ROUNDS))
+    if done != setup.scenario.federation.rounds:
+        print(f"fedsim: error: only {done} of {setup.scenario.federation.rounds} rounds completed", file=sys.stderr)
         return 1
     return 0
 
@@ -59,21 +80,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__.splitlines()[0])
-    parser.add_argument("--verbose", action="store_true", help="show Flower/Ray logs")
+    # --verbose / --quiet are accepted before or after the subcommand (SUPPRESS: an absent flag
+    # does not overwrite one given on the other side)
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show Flower's and Ray's own logs in the terminal")
+    flags.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__.splitlines()[0], parents=[flags])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a scenario")
+    run = sub.add_parser("run", help="run a scenario", parents=[flags])
     run.add_argument("scenario", type=Path)
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIMESTAMP)")
-    run.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
     run.set_defaults(func=cmd_run)
-    attack = sub.add_parser("attack", help="single shot: attack one client update at round 1 and exit")
+    attack = sub.add_parser("attack", help="single shot: attack one client update at round 1 and exit",
+                            parents=[flags])
     attack.add_argument("scenario", type=Path)
     attack.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIMESTAMP)")
-    attack.add_argument("--quiet", action="store_true", help="no progress bars")
     attack.set_defaults(func=cmd_attack)
-    val = sub.add_parser("validate", help="check a scenario file")
+    val = sub.add_parser("validate", help="check a scenario file", parents=[flags])
     val.add_argument("scenario", type=Path)
     val.set_defaults(func=cmd_validate)
     return parser
@@ -83,20 +108,43 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
     return f"fedsim: warning: {message}\n"
 
 
+def _raise_terminated(signum, frame) -> None:  # noqa: ANN001
+    raise Terminated()
+
+
+def _exit_interrupted(status: int) -> int:
+    """After an interrupt: Ray is already shut down and the records are on disk. Flower's server
+    thread may still wait in the grid for replies that will never come: end the process now
+    rather than join it (the command would hang)."""
+    print("fedsim: interrupted; records written so far are kept", file=sys.stderr)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
+    args.quiet = getattr(args, "quiet", False)
     warnings.formatwarning = _one_line_warning
     from fedsim.data import DataError
+    from fedsim.run.ray_cluster import RayClusterError
     from fedsim.rundir import RunDirectoryError
 
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
-    except (ScenarioError, UserError, DataError, RunDirectoryError) as exc:
+    except (ScenarioError, UserError, DataError, RunDirectoryError, RayClusterError) as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        return _exit_interrupted(128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        print("fedsim: interrupted; records written so far are kept", file=sys.stderr)
-        return 130
+        return _exit_interrupted(128 + signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

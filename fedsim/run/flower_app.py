@@ -6,7 +6,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.run.preparation import prepare_run, validate_scenario
+from fedsim.run.preparation import make_sink, prepare_run, validate_scenario
 from fedsim.run.ray_cluster import start_ray
 from server.app import serve
 
@@ -19,6 +19,8 @@ def main(grid: Grid, context: Context) -> None:
     Ray of their own when the scenario plans attacks."""
     path = str(context.run_config["scenario"])
     scenario = validate_scenario(path)
+    setup = prepare_run(path, context.run_config.get("out") or None, scenario=scenario)
     if scenario.attack.attacks:
         start_ray(None, scenario.attack.pool_size)
-    serve(grid, prepare_run(path, context.run_config.get("out") or None, scenario=scenario))
+        setup.sink = make_sink(setup)
+    serve(grid, setup)

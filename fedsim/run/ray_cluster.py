@@ -4,19 +4,27 @@ Flower sizes its client-actor pool from the cluster's *total* CPUs, so an invers
 that holds a CPU can leave a client actor unschedulable and the federation stuck. A local
 cluster therefore gets a custom resource, :data:`INVERSION_SLOT`, one per worker, and the
 workers hold a slot instead of CPUs; on a GPU machine they hold a GPU each.
+
+A cluster this module starts is watched by :mod:`fedsim.run.reaper`, which kills what is
+left of it if the ``fedsim`` process is killed outright.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
+import psutil  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
@@ -24,21 +32,86 @@ from fedsim.scenario import AttackPlan  # noqa: E402
 
 #: custom Ray resource that reserves inversion workers apart from the CPUs Flower counts
 INVERSION_SLOT = "inversion_slot"
+#: seconds to wait for a TCP answer from a cluster address before refusing it
+CONNECT_TIMEOUT_S = 5.0
 
 
-def start_ray(ray_address: str | None, inversion_workers: int) -> None:
-    """Join the cluster at ``ray_address`` or start a local Ray with one CPU per core for
-    the client actors plus ``inversion_workers`` inversion slots."""
+class RayClusterError(Exception):
+    """The Ray cluster asked for cannot be used (one line for the CLI)."""
+
+
+def check_address(ray_address: str) -> None:
+    """Refuse within seconds an address where no Ray cluster answers (``ray.init`` would retry
+    for minutes). ``auto`` is left to Ray, which answers at once when it finds none."""
+    if ray_address == "auto":
+        return
+    host_port = ray_address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayClusterError(f"--ray-address {ray_address!r}: expected HOST:PORT (e.g. 127.0.0.1:6379) or 'auto'")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise RayClusterError(f"--ray-address {ray_address}: no Ray cluster answers there "
+                              f"({exc.strerror or type(exc).__name__}); start one with 'ray start --head' "
+                              "or leave --ray-address out to run locally") from None
+
+
+def start_ray(ray_address: str | None, inversion_workers: int, verbose: bool = False) -> None:
+    """Join the cluster at ``ray_address`` or start a local Ray with one CPU per core for the
+    client actors plus ``inversion_workers`` inversion slots. Ray's workers print to the
+    terminal only when ``verbose`` (else to Ray's own log files)."""
     if ray.is_initialized():
         return
+    with _keeping_sigterm_handler():
+        _init_ray(ray_address, inversion_workers, verbose)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """Ray's driver installs its own SIGTERM handler, which aborts the process (core dump, exit
+    -6) before Python can stop the run cleanly: put the caller's handler back."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init_ray(ray_address: str | None, inversion_workers: int, verbose: bool) -> None:
     pythonpath = os.pathsep.join(sys.path)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "FLWR_TELEMETRY_ENABLED": "0",
                                 "RAY_USAGE_STATS_ENABLED": "0"}}
     if ray_address:
-        ray.init(address=ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, resources={INVERSION_SLOT: inversion_workers},
-                 include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
+        check_address(ray_address)
+        try:
+            ray.init(address=ray_address, runtime_env=runtime_env, logging_level=logging.WARNING,
+                     log_to_driver=verbose)
+        except ConnectionError as exc:
+            raise RayClusterError(f"--ray-address {ray_address}: {str(exc).splitlines()[0]}") from None
+        return
+    ray.init(num_cpus=os.cpu_count() or 1, resources={INVERSION_SLOT: inversion_workers},
+             include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING,
+             log_to_driver=verbose)
+    _start_reaper()
+
+
+def _start_reaper() -> None:
+    """One reaper per process (``python -m fedsim.run.reaper PID``), in its own session so that
+    a Ctrl-C in the terminal does not reach it, with its standard streams on /dev/null."""
+    me = psutil.Process()
+    for child in me.children():
+        try:
+            if "fedsim.run.reaper" in " ".join(child.cmdline()):
+                return
+        except psutil.Error:
+            continue
+    quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    os.posix_spawn(sys.executable, [sys.executable, "-m", "fedsim.run.reaper", str(me.pid)], os.environ,
+                   file_actions=quiet, setsid=True)
 
 
 def stop_ray() -> None:

@@ -1,4 +1,6 @@
-"""``fedsim run``: start (or join) Ray, build the server and client apps, run the federation.
+"""``fedsim run``: check the input, start (or join) Ray, build the server and client apps, run
+the federation, and end every way cleanly: ``summary.json`` says how the run ended (completed,
+stopped with the reason, interrupted, crashed) and Ray is shut down.
 
 This is the only module that calls Flower's simulation entry point, so moving from the
 deprecated ``run_simulation`` to ``flwr run`` is a one-place edit.
@@ -6,6 +8,8 @@ deprecated ``run_simulation`` to ``flwr run`` is a one-place edit.
 from __future__ import annotations
 
 import logging
+import resource
+import time
 import warnings
 from pathlib import Path
 
@@ -13,9 +17,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.app import app as client_app
-from fedsim.run.preparation import prepare_run, validate_scenario
-from fedsim.run.ray_cluster import start_ray, stop_ray
-from server.app import ServerSetup, serve
+from fedsim.run.preparation import make_sink, prepare_run, validate_scenario
+from fedsim.run.ray_cluster import check_address, start_ray, stop_ray
+from fedsim.rundir import FLOWER_LOG, ROUNDS
+from server.app import RunStopped, ServerSetup, serve
 
 
 def _drop_expected_flower_warnings(record: logging.LogRecord) -> bool:
@@ -36,10 +41,7 @@ def run_federation(setup: ServerSetup) -> None:
 
     from flwr.simulation import run_simulation
 
-    if not setup.verbose:
-        flwr_logger = logging.getLogger("flwr")
-        flwr_logger.setLevel(logging.WARNING)
-        flwr_logger.addFilter(_drop_expected_flower_warnings)
+    _route_flower_log(setup)
     backend_config = {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": 0.0}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -47,16 +49,53 @@ def run_federation(setup: ServerSetup) -> None:
                        backend_config=backend_config)
 
 
+def _route_flower_log(setup: ServerSetup) -> None:
+    """Flower's log (client tracebacks included) goes to ``flower.log`` in the run directory; the
+    terminal shows it only with ``--verbose`` (less the two warnings every run triggers)."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.INFO)
+    for handler in flwr_logger.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if setup.verbose else logging.CRITICAL + 1)
+            handler.addFilter(_drop_expected_flower_warnings)
+    for handler in [h for h in flwr_logger.handlers if isinstance(h, logging.FileHandler)]:
+        flwr_logger.removeHandler(handler)  # an earlier run's file (several runs in one process)
+        handler.close()
+    flwr_logger.addHandler(logging.FileHandler(setup.run_dir.path / FLOWER_LOG, encoding="utf-8"))
+
+
 def run_scenario(scenario_path: str | Path, out: str | Path | None = None, ray_address: str | None = None,
                  show_progress: bool = True, verbose: bool = False) -> ServerSetup:
-    """Validate, start Ray, prepare the run directory, run. Returns the setup (run_dir inside)."""
+    """Validate and check everything that can be checked before Ray starts (scenario, device,
+    output folder, data, cluster address), start Ray, run; Ray is shut down however the run
+    ends. A run stopped by the server raises :class:`server.app.RunStopped` after its rounds are
+    written; an interrupt propagates after the pool is abandoned. Returns the setup."""
+    started = time.monotonic()
     scenario = validate_scenario(scenario_path)
-    plan = scenario.attack
-    start_ray(ray_address, plan.pool_size if plan.attacks else 0)
+    if ray_address:
+        check_address(ray_address)
+    setup = prepare_run(scenario_path, out, show_progress, scenario=scenario)
+    setup.verbose = verbose
+    status = "crashed"
     try:
-        setup = prepare_run(scenario_path, out, show_progress, scenario=scenario)
-        setup.verbose = verbose
+        start_ray(ray_address, scenario.attack.pool_size if scenario.attack.attacks else 0, verbose)
+        setup.sink = make_sink(setup)
         run_federation(setup)
+        status = "completed"
+    except RunStopped as stop:
+        status = f"stopped: {stop}"
+        stop.setup = setup  # the CLI prints what was done
+        raise
+    except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            status = "interrupted"
+        if setup.sink is not None:
+            setup.sink.abort()
+        raise
     finally:
         stop_ray()
+        setup.run_dir.write_summary({
+            "status": status, "rounds_completed": len(setup.run_dir.read(ROUNDS)),
+            "rounds_planned": scenario.federation.rounds, "seconds": round(time.monotonic() - started, 3),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
     return setup

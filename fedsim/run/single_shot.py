@@ -35,7 +35,7 @@ def observe_first_update(scenario: Scenario, splits: DatasetSplits, client: int)
 def attack_once(scenario_path: str | Path, out: str | Path | None = None,
                 show_progress: bool = True) -> tuple[ServerSetup, list[dict]]:
     """Run the plan's attacks on one update; returns the setup and the leakage records."""
-    setup = prepare_run(scenario_path, out, show_progress=show_progress, with_sink=False)
+    setup = prepare_run(scenario_path, out, show_progress=show_progress)
     scenario, splits = setup.scenario, setup.splits
     plan = scenario.attack
     if not plan.attacks:
