@@ -54,7 +54,7 @@ def resolve_defense_params(spec: DefenseSpec, source: str, model: ModelSpec | No
     """Validate ``[defense]`` against the registry (and against ``model`` when given);
     ScenarioError names file and key."""
     if spec.name not in DEFENSES:
-        raise ScenarioError(source, "defense.name", f"got {spec.name!r}, allowed: {', '.join(sorted(DEFENSES))}")
+        raise ScenarioError(source, "defense.name", f"got {spec.name!r}, allowed: {', '.join(DEFENSES)}")
     params = build_dataclass(DEFENSES[spec.name].params_type, spec.params, source, "defense")
     if model is not None and spec.name == "dp_sgd" and model_has_batchnorm(model):
         raise ScenarioError(source, "defense.name",
