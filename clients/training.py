@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from defenses.base import Defense
@@ -32,7 +31,10 @@ def train_locally(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, 
                   lr: float, generator: torch.Generator, defense: Defense) -> LocalResult:
     """Train ``model`` in place on ``inputs`` (N, C, H, W) / ``labels`` (N,) and return Δ.
 
-    Batches are shuffled per epoch with ``generator`` when ``training.shuffle``.
+    Batches are shuffled per epoch with ``generator`` when ``training.shuffle``. Each step:
+    ``defense.compute_gradients`` (forward + backward; the plain cross-entropy by default),
+    ``defense.on_step`` (may rewrite ``p.grad``), ``optimizer.step()``; the final Δ goes
+    through ``defense.on_update``.
     """
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     batches = local_batches(len(inputs), training.batch_size, training.epochs, training.max_steps,
@@ -44,8 +46,7 @@ def train_locally(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, 
     for step, idx in enumerate(batches):
         index = torch.tensor(idx)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs[index]), labels[index])
-        loss.backward()
+        loss = defense.compute_gradients(model, inputs[index], labels[index])
         defense.on_step(model, step, len(batches))
         optimizer.step()
         losses.append(loss.item())
