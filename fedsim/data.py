@@ -304,19 +304,20 @@ def _load_torchvision(spec: DataSpec, seed: int) -> Loaded:
             detail = str(exc).splitlines()[0] if spec.download else "missing, incomplete or corrupted"
             raise _missing(spec, root.resolve(), expected, detail) from None
         except Exception as exc:  # noqa: BLE001 - torchvision's parsers fail on corrupt files with any type
-            detail = f"corrupt: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
-            raise _missing(spec, root.resolve(), expected, detail) from None
+            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+            raise DataError(f"data set '{spec.dataset}' in '{root.resolve()}': a file is corrupt ({detail}); "
+                            f"replace the files ({expected})") from None
         data = torch.as_tensor(np.asarray(ds.data))  # CIFAR: (N, 32, 32, 3); MNIST: (N, 28, 28); uint8
         data = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
         targets = torch.as_tensor(ds.targets).long()
-        split = "train" if train else "test"
-        _check_labels(spec, root.resolve() / split, targets, len(data), len(ds.classes))
+        folder = Path(getattr(ds, "raw_folder", root / getattr(ds, "base_folder", ""))).resolve()
+        _check_labels(spec, f"{folder} ({'train' if train else 'test'} split)", targets, len(data), len(ds.classes))
         idx = torch.from_numpy(_subset(len(data), cap, _rng(seed, stream)))
         out += [_resize(data[idx].float() / 255.0, spec.image_size), targets[idx]]
     return out[0], out[1], out[2], out[3], list(ds.classes)
 
 
-def _check_labels(spec: DataSpec, where: Path, labels: torch.Tensor, num_images: int, num_classes: int) -> None:
+def _check_labels(spec: DataSpec, where: str, labels: torch.Tensor, num_images: int, num_classes: int) -> None:
     """One label per image, each a class index in [0, num_classes); else a DataError naming ``where``."""
     if len(labels) != num_images:
         raise DataError(f"data set '{spec.dataset}' in '{where}': {len(labels)} labels for {num_images} images "

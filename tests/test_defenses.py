@@ -20,7 +20,7 @@ from defenses.registry import DEFENSES, build_defense, resolve_defense_params, v
 from defenses.soteria import feature_mask, feature_scores
 from defenses.tensors import clip_to_norm, global_norm
 from defenses.topk import Topk, TopkParams
-from fedsim.cli import main
+from fedsim.run.cli import main
 from fedsim.config import ScenarioError
 from fedsim.models import build_model
 from fedsim.scenario import DefenseSpec, FederationSpec, ModelSpec, TrainingSpec, load_scenario

@@ -13,7 +13,7 @@ import torch
 from adversary.runtime.registry import resolve_attack_params
 from adversary.runtime.workers import InversionPool
 from adversary.scoring.metrics import lpips_checkpoint
-from defenses.registry import resolve_defense_params
+from defenses.registry import validate_defense
 from fedsim.config import ScenarioError
 from fedsim.data import DatasetSplits, load_data, scenario_partitions
 from fedsim.run.ray_cluster import inversion_worker_options
@@ -26,7 +26,7 @@ from server.strategy import AttackSink
 def validate_scenario(path: str | Path) -> Scenario:
     """Load ``path`` and check every table, registries included; raises ScenarioError."""
     scenario = load_scenario(path)
-    resolve_defense_params(scenario.defense, scenario.source)
+    validate_defense(scenario)
     resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
     pick_device(scenario)
     return scenario
