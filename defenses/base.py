@@ -16,7 +16,10 @@ DESIGN.md round step 3), in this order per optimizer step:
   and noise, pruning, quantisation.
 
 ``acts_on_server`` marks a defense whose mechanism the server applies (central DP): the
-client side is the identity and the server wires the Flower strategy.
+client side is the identity, and the server calls, after its tap has seen the raw updates,
+
+- ``on_server_update(update)`` on each client's Δ before aggregation (central DP: clipping),
+- ``on_aggregate(update, num_sampled)`` on the aggregated Δ (central DP: noise).
 """
 from __future__ import annotations
 
@@ -48,6 +51,14 @@ class Defense:
 
     def on_update(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return the Δ to upload; default uploads it unchanged."""
+        return update
+
+    def on_server_update(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Server side, per received Δ, before aggregation (``acts_on_server`` only)."""
+        return update
+
+    def on_aggregate(self, update: dict[str, torch.Tensor], num_sampled: int) -> dict[str, torch.Tensor]:
+        """Server side, on the aggregated Δ of ``num_sampled`` sampled clients."""
         return update
 
 

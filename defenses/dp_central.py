@@ -4,16 +4,27 @@
 ``DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier, clipping_norm,
 num_sampled_clients)``; ``num_sampled_clients`` is ``federation.clients_per_round``).
 
-On the client this defense is the identity: ``acts_on_server`` tells the server to wire the
-strategy. It protects the released global model from its users, not a client from this
-server: the curious server's tap sees every raw update before it clips and noises the
-aggregate.
+On the client this defense is the identity; the server calls ``on_server_update`` (clip) on
+every received Δ and ``on_aggregate`` (noise) on their average, after its tap has seen the raw
+updates. It protects the released global model from its users, not a client from this
+server.
+
+Not Flower's ``DifferentialPrivacyServerSideFixedClipping`` itself, for three reasons: it
+clips every array of a reply in place with a float factor, which fails on the integer
+``num_batches_tracked`` buffers of BatchNorm models (and adds rounded noise to them); its
+noise comes from NumPy's unseeded global generator (runs would not be reproducible); and it
+clips the replies before the wrapped strategy sees them, where the tap must see them raw. The
+mechanism is the same: flat clipping of each update to C (parameters and BN running
+statistics together), Gaussian noise of std σ·C / num_sampled_clients on the average.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from defenses.base import Defense
+from defenses.tensors import clip_to_norm, gaussian_like, is_floating
 
 
 @dataclass(frozen=True)
@@ -35,3 +46,10 @@ class DpCentral(Defense):
     name = "dp_central"
     acts_on_server = True
     params: DpCentralParams
+
+    def on_server_update(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return clip_to_norm(update, self.params.clip_norm)
+
+    def on_aggregate(self, update: dict[str, torch.Tensor], num_sampled: int) -> dict[str, torch.Tensor]:
+        std = self.params.noise_multiplier * self.params.clip_norm / max(num_sampled, 1)
+        return {k: v + gaussian_like(v, std, self.generator) if is_floating(v) else v for k, v in update.items()}

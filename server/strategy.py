@@ -2,8 +2,10 @@
 
 Each round it samples clients deterministically from the scenario seed, sends θ_t and
 the public round config, aggregates the replies as FedAvg (in client-id order, so runs
-are bit-reproducible), and turns every reply into an :class:`Observation` (what the
-server saw) plus a :class:`GroundTruth` (the evaluation-only channel) for the attack sink.
+are bit-reproducible), and turns every reply the attack sink wants into an
+:class:`Observation` (what the server saw) plus a :class:`GroundTruth` (the evaluation-only
+channel). A defense that acts on the server (central DP) clips each update and noises the
+average *after* the tap has seen the raw updates; the run's DP accounting is charged per round.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from adversary.observation import GroundTruth, Observation, observe
 from fedsim.domain import DataDomain
-from fedsim.records import all_finite, from_record, take_upload
+from defenses.registry import build_defense
+from fedsim.records import all_finite, from_record, take_upload, to_record
 from fedsim.scenario import Scenario, TrainingSpec
-from fedsim.seeding import derive_seed
+from fedsim.seeding import derive_seed, generator
+from server.privacy import RunPrivacy
 
 
 def concise_error(reason: str) -> str:
@@ -63,6 +67,8 @@ class RoundTrace:
     failures: list[dict] = field(default_factory=list)  # {"client", "error"}: the client's own message
     failure_details: list[str] = field(default_factory=list)  # Flower's full reason (traceback), per failure
     train_loss: float | None = None
+    epsilon_round: float | None = None  # ε of this round's DP mechanisms alone (None: no DP defense)
+    epsilon: float | None = None  # cumulative worst-case ε over the clients after this round
     started: float = field(default_factory=time.monotonic)
 
 
@@ -77,6 +83,9 @@ class CuriousFedAvg(FedAvg):
         self.sink = sink
         self.node_to_client: dict[int, int] = {}
         self.traces: dict[int, RoundTrace] = {}
+        defense = build_defense(scenario.defense, generator(scenario.seed, "server-defense"), scenario.source)
+        self.server_defense = defense if defense.acts_on_server else None
+        self.privacy = RunPrivacy(scenario)
 
     # -- sampling ---------------------------------------------------------------------
     def identify_clients(self, grid: Grid) -> None:
@@ -126,14 +135,28 @@ class CuriousFedAvg(FedAvg):
             else:
                 ok.append((client, msg))
         ok.sort(key=lambda pair: pair[0])
+        uploads = {}
+        theta = trace.global_state
         for client, msg in ok:  # the tap: every update, before FedAvg sees the message
-            upload = take_upload(msg.content, trace.global_state)  # strips the evaluation-only record
+            upload = uploads[client] = take_upload(msg.content, theta)  # strips the evaluation-only record
             # a diverged update (non-finite) is not attacked: the run stops on it (server.app)
             if self.sink is not None and self.sink.wants(server_round, client) and all_finite(upload.update):
-                self.sink.submit(*observe(self.scenario, self.domain, trace.training, server_round, client,
-                                          trace.global_state, upload))
+                self.sink.submit(*observe(self.scenario, self.domain, trace.training, server_round, client, theta,
+                                          upload))
+            if self.server_defense is not None:
+                msg.content[self.arrayrecord_key] = _state_record(theta, self.server_defense.on_server_update(upload.update))
         arrays, metrics = super().aggregate_train(server_round, [m for _, m in ok])
+        if arrays is not None and self.server_defense is not None:
+            average = from_record(arrays)
+            arrays = _state_record(theta, self.server_defense.on_aggregate(
+                {k: average[k] - theta[k] for k in theta}, len(trace.clients)))
         if metrics is not None:
             trace.train_loss = float(metrics["train-loss"])
+        trace.epsilon_round, trace.epsilon = self.privacy.charge(trace.training, uploads) or (None, None)
         trace.global_state = None
         return arrays, metrics
+
+
+def _state_record(theta: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> ArrayRecord:
+    """θ_t + Δ as the ArrayRecord a reply (or the aggregate) carries."""
+    return to_record({k: theta[k] + update[k] for k in theta})

@@ -2,6 +2,7 @@
 
 ``fedsim run SCENARIO [--out DIR]``     run the federation (and its attack plan)
 ``fedsim attack SCENARIO [--out DIR]``  single shot: attack one update at round 1, print leakage
+``fedsim sweep SCENARIO --out DIR``     one run per defense / parameter value / seed, one table
 ``fedsim validate SCENARIO``            check a scenario file and exit
 
 Exit status: 0 done; 1 incomplete (an attack of ``fedsim attack`` did not finish ok); 2 bad
@@ -71,6 +72,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.run.sweep import run_sweep
+    from fedsim.run.tables import sweep_table
+
+    if args.seeds < 1:
+        raise UserError(f"--seeds: got {args.seeds}, must be >= 1")
+    defenses = [d.strip() for d in args.defense.split(",") if d.strip()] if args.defense else []
+    rows = run_sweep(args.scenario, defenses, args.param, args.seeds, args.out, args.ray_address,
+                     show_progress=not args.quiet)
+    print(f"\nSweep of {args.scenario} -> {args.out} (sweep.json, sweep.csv)")
+    print(sweep_table(rows))
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.run.preparation import validate_scenario
 
@@ -98,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("scenario", type=Path)
     attack.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIMESTAMP)")
     attack.set_defaults(func=cmd_attack)
+    sweep = sub.add_parser("sweep", help="run a scenario once per defense / parameter value / seed",
+                           parents=[flags])
+    sweep.add_argument("scenario", type=Path)
+    sweep.add_argument("--defense", default="", help="comma-separated defenses (default: the scenario's)")
+    sweep.add_argument("--param", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a scenario key and its values (repeatable), e.g. defense.noise_multiplier=0.1,1")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per setting: the scenario's and the next ones")
+    sweep.add_argument("--out", type=Path, required=True, help="folder of the runs (one per setting)")
+    sweep.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
+    sweep.set_defaults(func=cmd_sweep)
     val = sub.add_parser("validate", help="check a scenario file", parents=[flags])
     val.add_argument("scenario", type=Path)
     val.set_defaults(func=cmd_validate)

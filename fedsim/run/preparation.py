@@ -18,14 +18,22 @@ from fedsim.config import ScenarioError
 from fedsim.data import DatasetSplits, load_data, scenario_partitions
 from fedsim.run.ray_cluster import inversion_worker_options
 from fedsim.rundir import RunDirectory
-from fedsim.scenario import Scenario, load_scenario, scenario_to_table
+from fedsim.scenario import Scenario, load_scenario, parse_scenario, scenario_to_table
 from server.app import ServerSetup
 from server.strategy import AttackSink
 
 
 def validate_scenario(path: str | Path) -> Scenario:
     """Load ``path`` and check every table, registries included; raises ScenarioError."""
-    scenario = load_scenario(path)
+    return _validated(load_scenario(path))
+
+
+def validate_table(table: dict, source: str) -> Scenario:
+    """A scenario built in memory (e.g. a sweep's setting), checked as a file would be."""
+    return _validated(parse_scenario(table, source))
+
+
+def _validated(scenario: Scenario) -> Scenario:
     validate_defense(scenario)
     resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
     pick_device(scenario)

@@ -20,6 +20,7 @@ from clients.app import app as client_app
 from fedsim.run.preparation import make_sink, prepare_run, validate_scenario
 from fedsim.run.ray_cluster import check_address, start_ray, stop_ray
 from fedsim.rundir import FLOWER_LOG, ROUNDS
+from fedsim.scenario import Scenario
 from server.app import RunStopped, ServerSetup, serve
 
 
@@ -54,6 +55,7 @@ def _route_flower_log(setup: ServerSetup) -> None:
     terminal shows it only with ``--verbose`` (less the two warnings every run triggers)."""
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.INFO)
+    flwr_logger.propagate = False  # Flower has its own console handler; the root logger may have one too
     for handler in flwr_logger.handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.INFO if setup.verbose else logging.CRITICAL + 1)
@@ -65,13 +67,14 @@ def _route_flower_log(setup: ServerSetup) -> None:
 
 
 def run_scenario(scenario_path: str | Path, out: str | Path | None = None, ray_address: str | None = None,
-                 show_progress: bool = True, verbose: bool = False) -> ServerSetup:
+                 show_progress: bool = True, verbose: bool = False, scenario: Scenario | None = None) -> ServerSetup:
     """Validate and check everything that can be checked before Ray starts (scenario, device,
     output folder, data, cluster address), start Ray, run; Ray is shut down however the run
     ends. A run stopped by the server raises :class:`server.app.RunStopped` after its rounds are
-    written; an interrupt propagates after the pool is abandoned. Returns the setup."""
+    written; an interrupt propagates after the pool is abandoned. ``scenario``: one already
+    validated (``scenario_path`` then only names it). Returns the setup."""
     started = time.monotonic()
-    scenario = validate_scenario(scenario_path)
+    scenario = scenario or validate_scenario(scenario_path)
     if ray_address:
         check_address(ray_address)
     setup = prepare_run(scenario_path, out, show_progress, scenario=scenario)

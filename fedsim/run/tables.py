@@ -14,9 +14,24 @@ def _fmt(value: object, spec: str = ".4f") -> str:
 
 
 def rounds_table(records: list[dict]) -> str:
+    """One row per round; the ε columns (this round's, cumulative worst case) appear when the
+    defense is accounted."""
+    header = ["round", "test_acc", "test_loss", "train_loss", "clients", "failed", "seconds"]
     rows = [[r["round"], _fmt(r["test_accuracy"]), _fmt(r["test_loss"]), _fmt(r["train_loss"]),
              len(r["clients"]), len(r["failures"]), _fmt(r["seconds"], ".1f")] for r in records]
-    return _table(rows, ["round", "test_acc", "test_loss", "train_loss", "clients", "failed", "seconds"])
+    if any(r.get("epsilon") is not None for r in records):
+        header += ["eps_round", "epsilon"]
+        rows = [row + [_fmt(r.get("epsilon_round"), ".3g"), _fmt(r.get("epsilon"), ".3g")]
+                for row, r in zip(rows, records)]
+    return _table(rows, header)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """One row per run of a sweep (``fedsim.run.sweep``): what changed, utility, leakage, ε."""
+    return _table([[r["setting"], _fmt(r["final_test_accuracy"]), _fmt(r["psnr_mean"], ".2f"),
+                    _fmt(r["psnr_best"], ".2f"), _fmt(r["recovered_share"], ".2f"), _fmt(r["epsilon"], ".3g"),
+                    r["status"].split(":")[0]] for r in rows],
+                  ["setting", "final_acc", "psnr_mean", "psnr_best", "recovered", "epsilon", "status"])
 
 
 def leakage_table(records: list[dict]) -> str:
