@@ -19,12 +19,13 @@ from PIL import Image
 
 from fedsim.run import report as report_module
 from fedsim.run.cli import main
-from fedsim.run.report import DPI, PLOT_SIZE, SCATTER_SIZE, build_report
+from fedsim.run.report import DPI, LEAKAGE_SIZE, PLOT_SIZE, SCATTER_SIZE, build_report
 from fedsim.run.tables import rounds_table
 from fedsim.rundir import RunDirectory
 
 DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 PLOT_PIXELS = (int(PLOT_SIZE[0] * DPI), int(PLOT_SIZE[1] * DPI))        # 800 x 400
+LEAKAGE_PIXELS = (int(LEAKAGE_SIZE[0] * DPI), int(LEAKAGE_SIZE[1] * DPI))  # 800 x 500
 SCATTER_PIXELS = (int(SCATTER_SIZE[0] * DPI), int(SCATTER_SIZE[1] * DPI))  # 800 x 500
 
 
@@ -98,9 +99,9 @@ def test_one_run_writes_its_plots_and_embeds_every_picture(tmp_path):
 
     assert report.html == run / "report.html"
     assert report.figures == [run / "report_files" / "accuracy.png", run / "report_files" / "leakage.png"]
-    for png in report.figures:
+    for png, pixels in zip(report.figures, [PLOT_PIXELS, LEAKAGE_PIXELS]):
         with Image.open(png) as image:
-            assert image.format == "PNG" and image.size == PLOT_PIXELS
+            assert image.format == "PNG" and image.size == pixels
     grids = sorted((run / "reconstructions").glob("*.png"))
     assert len(grids) == 3
     uris = _data_uris(report.html)

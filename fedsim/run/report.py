@@ -35,6 +35,7 @@ from fedsim.run.tables import LEAKAGE_HEADER, ROUNDS_HEADER, fmt, leakage_rows, 
 REPORT = "report.html"
 DPI = 100
 PLOT_SIZE = (8.0, 4.0)      # inches: 800 x 400 pixels at DPI
+LEAKAGE_SIZE = (8.0, 5.0)   # 800 x 500: the legend sits below the axes, off the points
 SCATTER_SIZE = (8.0, 5.0)   # 800 x 500 pixels
 
 _ROUND_DEFAULTS: dict[str, Any] = {"test_accuracy": None, "test_loss": None, "train_loss": None, "clients": [],
@@ -250,7 +251,7 @@ def accuracy_plot(run: Run, path: Path) -> Path:
         ax2.set_ylim(bottom=0)
     ax.set_title(f"{run.label}: test accuracy per round")
     if handles:
-        ax.legend(handles=[h for h in handles if not h.get_label().startswith("_")], loc="lower right")
+        ax.legend(handles=[h for h in handles if not h.get_label().startswith("_")], loc="best")
     return _save(fig, path)
 
 
@@ -258,7 +259,7 @@ def leakage_plot(run: Run, path: Path) -> Path:
     """Per round and attack: each job's mean PSNR (filled) and best-in-batch PSNR (hollow), a
     line through the per-round average of the means, the recovered share as bars (right axis)
     and the recovered threshold; jobs without a score as crosses on the round axis."""
-    fig = _figure(PLOT_SIZE)
+    fig = _figure(LEAKAGE_SIZE)
     ax = fig.add_subplot()
     shares = ax.twinx()
     attacks = list(dict.fromkeys(str(r["attack"]) for r in run.leakage))
@@ -297,7 +298,8 @@ def leakage_plot(run: Run, path: Path) -> Path:
     ax.set_title(f"{run.label}: leakage per round (defense {run.defense})")
     handles, labels = ax.get_legend_handles_labels()
     more_handles, more_labels = shares.get_legend_handles_labels()
-    ax.legend(handles + more_handles, labels + more_labels, loc="upper left", fontsize="small", framealpha=0.8)
+    ax.legend(handles + more_handles, labels + more_labels, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+              ncol=3, fontsize="small", frameon=False)
     return _save(fig, path)
 
 
