@@ -150,7 +150,7 @@ def test_a_run_without_leakage_gets_a_report_without_leakage_section(tmp_path):
 def test_a_stopped_run_without_summary_says_so(tmp_path):
     run = make_run(tmp_path / "run", jobs=None, status="stopped: round 2 diverged")
     page = build_report([run]).html.read_text(encoding="utf-8")
-    assert '<span class="status bad">stopped: round 2 diverged</span>' in page
+    assert '<span class="status bad">stopped</span> round 2 diverged · rounds 3 of 3 · 12.5 s' in page
     (run / "summary.json").unlink()
     page = build_report([run]).html.read_text(encoding="utf-8")
     assert '<span class="status bad">unknown</span> no summary.json' in page

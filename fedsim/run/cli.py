@@ -100,7 +100,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.run.report import build_report
 
     report = build_report(args.run_dirs, args.out)
-    print(f"Report: {report.html} ({len(report.embedded)} images embedded; PNGs in "
+    count = len(report.embedded)
+    print(f"Report: {report.html} ({count} image{'' if count == 1 else 's'} embedded; PNGs in "
           f"{report.html.parent / (report.html.stem + '_files')})")
     return 0
 

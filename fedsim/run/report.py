@@ -405,7 +405,10 @@ def _status_html(run: Run) -> str:
         parts.append(f"{s['seconds']:.1f} s")
     if _finite(s.get("driver_peak_rss_mb")):
         parts.append(f"driver peak memory {s['driver_peak_rss_mb']:.0f} MB")
-    return f'<span class="status {badge}">{_esc(status)}</span> ' + _esc(" · ".join(parts))
+    word, _, why = status.partition(": ")  # "stopped: round 3 diverged (...)" -> badge "stopped", then why
+    if why:
+        parts.insert(0, why)
+    return f'<span class="status {badge}">{_esc(word)}</span> ' + _esc(" · ".join(parts))
 
 
 def _rounds_html(run: Run) -> str:
