@@ -4,6 +4,7 @@
 ``fedsim attack SCENARIO [--out DIR]``  single shot: attack one update at round 1, print leakage
 ``fedsim sweep SCENARIO --out DIR``     one run per defense / parameter value / seed, one table
 ``fedsim validate SCENARIO``            check a scenario file and exit
+``fedsim report RUN_DIR... [--out F]``  plots and one self-contained HTML page from run directories
 
 Exit status: 0 done; 1 incomplete (an attack of ``fedsim attack`` did not finish ok); 2 bad
 input (one line naming the file and the key, or the path); 3 the global model diverged; 4 every
@@ -43,6 +44,20 @@ def _print_tables(setup) -> None:  # noqa: ANN001 - a server.app.ServerSetup
         print(leakage_table(leakage))
 
 
+def _write_report(setup) -> None:  # noqa: ANN001 - a server.app.ServerSetup
+    """The run's ``report.html``, after its tables; a report that cannot be made is one warning
+    line, never a different exit status (the records are on disk: ``fedsim report`` retries)."""
+    from fedsim.run.report import build_report
+
+    try:
+        report = build_report([setup.run_dir.path])
+    except Exception as exc:  # noqa: BLE001 - the run's result must not depend on its report
+        print(f"fedsim: warning: no report written ({type(exc).__name__}: {exc}); "
+              f"retry with `fedsim report {setup.run_dir.path}`", file=sys.stderr)
+        return
+    print(f"\nReport: {report.html}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.run.simulation import run_scenario
     from fedsim.rundir import ROUNDS
@@ -53,9 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                              verbose=args.verbose)
     except RunStopped as stop:
         _print_tables(stop.setup)
+        _write_report(stop.setup)
         print(f"fedsim: error: {stop}", file=sys.stderr)
         return stop.exit_status
     _print_tables(setup)
+    _write_report(setup)
     done = len(setup.run_dir.read(ROUNDS))
     if done != setup.scenario.federation.rounds:
         print(f"fedsim: error: only {done} of {setup.scenario.federation.rounds} rounds completed", file=sys.stderr)
@@ -94,6 +111,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsim.run.report import build_report
+
+    report = build_report(args.run_dirs, args.out)
+    count = len(report.embedded)
+    print(f"Report: {report.html} ({count} image{'' if count == 1 else 's'} embedded; PNGs in "
+          f"{report.html.parent / (report.html.stem + '_files')})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --verbose / --quiet are accepted before or after the subcommand (SUPPRESS: an absent flag
     # does not overwrite one given on the other side)
@@ -126,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a scenario file", parents=[flags])
     val.add_argument("scenario", type=Path)
     val.set_defaults(func=cmd_validate)
+    rep = sub.add_parser("report", help="plots and one self-contained HTML page from run directories",
+                         parents=[flags])
+    rep.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    rep.add_argument("--out", type=Path, default=None, metavar="FILE.html",
+                     help="the HTML page (default RUN_DIR/report.html for one run, ./report.html for several); "
+                          "the PNGs go to FILE_files/ beside it")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
@@ -156,12 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     from fedsim.data import DataError
     from fedsim.run.ray_cluster import RayClusterError
+    from fedsim.run.report import ReportError
     from fedsim.rundir import RunDirectoryError
 
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
-    except (ScenarioError, UserError, DataError, RunDirectoryError, RayClusterError) as exc:
+    except (ScenarioError, UserError, DataError, RunDirectoryError, RayClusterError,
+            ReportError) as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
