@@ -27,6 +27,7 @@ from fedsim.models import initial_model, state_to_tensors
 from fedsim.records import all_finite
 from fedsim.rundir import CLIENT_LOG, ROUNDS, RunDirectory
 from fedsim.scenario import Scenario
+from server.stops import RoundFailed, RunDiverged
 from server.strategy import AttackSink, CuriousFedAvg
 
 
@@ -42,29 +43,6 @@ class ServerSetup:
     splits: DatasetSplits
     show_progress: bool = True
     verbose: bool = False  # Flower/Ray INFO logs
-
-
-class RunStopped(Exception):
-    """The run stopped before its last round; ``exit_status`` is the command's."""
-
-    exit_status = 1
-
-
-class RunDiverged(RunStopped):
-    exit_status = 3
-
-    def __init__(self, server_round: int, what: str):
-        super().__init__(f"round {server_round} diverged ({what}); the run stops here. Lower training.lr, "
-                         "or check the defense's noise scale")
-
-
-class RoundFailed(RunStopped):
-    exit_status = 4
-
-    def __init__(self, server_round: int, failures: int):
-        super().__init__(f"round {server_round}: all {failures} sampled clients failed (first errors above, all in "
-                         f"{CLIENT_LOG}); the run stops here. Set federation.failures_expected = true "
-                         "to carry on through such rounds")
 
 
 def _divergence(state: dict[str, torch.Tensor], train_loss: float | None, test_loss: float | None) -> str | None:

@@ -27,6 +27,7 @@ from fedsim.records import all_finite, from_record, take_upload, to_record
 from fedsim.scenario import Scenario, TrainingSpec
 from fedsim.seeding import derive_seed, generator
 from server.privacy import RunPrivacy
+from server.stops import TooFewNodes
 
 
 def concise_error(reason: str) -> str:
@@ -38,6 +39,10 @@ def concise_error(reason: str) -> str:
         return found[-1].strip().rstrip("'>\"")
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     return lines[-1] if lines else reason
+
+
+#: seconds without a new node after which a federation short of nodes is given up on
+NODE_SETTLE_S = 10.0
 
 
 class AttackSink(Protocol):
@@ -89,12 +94,16 @@ class CuriousFedAvg(FedAvg):
 
     # -- sampling ---------------------------------------------------------------------
     def identify_clients(self, grid: Grid) -> None:
-        """Wait for every node, then ask each for its client id (partition) once."""
+        """Wait for every node, then ask each for its client id (partition) once. Nodes that
+        stop arriving (no new one for ``NODE_SETTLE_S``) short of ``num_clients`` end the run
+        with :class:`TooFewNodes`."""
         expected = self.scenario.federation.num_clients
-        deadline = time.monotonic() + 600
+        seen, last_change = -1, time.monotonic()
         while len(nodes := sorted(grid.get_node_ids())) < expected:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(nodes)} of {expected} client nodes connected")
+            if len(nodes) != seen:
+                seen, last_change = len(nodes), time.monotonic()
+            elif time.monotonic() - last_change > NODE_SETTLE_S:
+                raise TooFewNodes(self.scenario, len(nodes))
             time.sleep(0.2)
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         for reply in grid.send_and_receive(queries, timeout=600):

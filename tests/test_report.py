@@ -294,7 +294,7 @@ def test_fedsim_run_writes_the_report_after_its_tables(tmp_path, capsys, monkeyp
 
 def test_a_stopped_run_still_writes_its_report(tmp_path, capsys, monkeypatch):
     import fedsim.run.simulation as simulation
-    from server.app import RunDiverged
+    from server.stops import RunDiverged
 
     folder = make_run(tmp_path / "run", accuracies=(0.5, None), jobs=None, status="stopped: round 2 diverged")
 

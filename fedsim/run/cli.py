@@ -61,7 +61,7 @@ def _write_report(setup) -> None:  # noqa: ANN001 - a server.app.ServerSetup
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.run.simulation import run_scenario
     from fedsim.rundir import ROUNDS
-    from server.app import RunStopped
+    from server.stops import RunStopped
 
     try:
         setup = run_scenario(args.scenario, args.out, args.ray_address, show_progress=not args.quiet,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Callable
 
 import tomli_w
 import torch
@@ -74,15 +75,18 @@ def make_sink(setup: ServerSetup) -> AttackSink | None:
 
 
 def prepare_run(scenario_path: str | Path, out: str | Path | None = None, show_progress: bool = True,
-                scenario: Scenario | None = None) -> ServerSetup:
-    """Validate, check the output folder, load the data, create the run directory. The setup
-    has no attack sink yet (:func:`make_sink`, once Ray runs)."""
+                scenario: Scenario | None = None, before_create: Callable[[], None] | None = None) -> ServerSetup:
+    """Validate, check the output folder, load the data, run ``before_create`` (e.g. start Ray
+    and check the cluster: nothing is written before it passes), create the run directory. The
+    setup has no attack sink yet (:func:`make_sink`, once Ray runs)."""
     scenario = scenario or validate_scenario(scenario_path)
     device = pick_device(scenario)
     out = Path(out) if out else default_run_dir(scenario)
     RunDirectory.check_new(out)  # before the data is loaded
     splits = load_data(scenario.data, scenario.seed)  # fails here, before any round, if data is missing
     check_partition(scenario, splits)
+    if before_create is not None:
+        before_create()
     run_dir = RunDirectory.create(out)
     run_dir.write_setup(scenario, str(device))
     text = tomli_w.dumps(scenario_to_table(scenario))

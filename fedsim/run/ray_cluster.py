@@ -1,9 +1,14 @@
 """The one place Ray is started (or joined), and where inversion workers are placed.
 
-Flower sizes its client-actor pool from the cluster's *total* CPUs, so an inversion worker
-that holds a CPU can leave a client actor unschedulable and the federation stuck. A local
-cluster therefore gets a custom resource, :data:`INVERSION_SLOT`, one per worker, and the
-workers hold a slot instead of CPUs; on a GPU machine they hold a GPU each.
+Flower sizes its client-actor pool from each node's *total* CPUs (``pool_size_from_resources``),
+so an inversion worker that holds a CPU leaves one client actor unschedulable and the
+federation waits forever. Inversion workers therefore never hold a CPU: on a cluster with GPUs
+each holds a GPU (a share of one when there are fewer GPUs than workers); else a local cluster
+gives each one an :data:`INVERSION_SLOT` (a custom resource that only counts them), and on a
+cluster started without slots (plain ``ray start --head``) they ask for no resource at all and
+share the CPUs with the client actors, as they do locally. What the plan needs and the cluster
+cannot give (a node for a client actor, enough slots) is found before round 1
+(:func:`check_cluster`) and reported in one line.
 
 A cluster this module starts is watched by :mod:`fedsim.run.reaper`, which kills what is
 left of it if the ``fedsim`` process is killed outright.
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -26,9 +32,8 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
-import torch  # noqa: E402
 
-from fedsim.scenario import AttackPlan  # noqa: E402
+from fedsim.scenario import AttackPlan, Scenario  # noqa: E402
 
 #: custom Ray resource that reserves inversion workers apart from the CPUs Flower counts
 INVERSION_SLOT = "inversion_slot"
@@ -120,10 +125,31 @@ def stop_ray() -> None:
 
 
 def inversion_worker_options(plan: AttackPlan) -> dict[str, Any]:
-    """Ray resources of one inversion worker on the running cluster: a GPU where CUDA exists,
-    else an inversion slot, else (a cluster started without slots) ``attack.worker_cpus`` CPUs."""
-    if torch.cuda.is_available():
-        return {"num_gpus": 1, "num_cpus": 0}
-    if ray.cluster_resources().get(INVERSION_SLOT, 0) >= 1:
+    """Ray resources of one inversion worker on the running cluster (module docstring): a GPU
+    (or a share) where the cluster has GPUs, else an inversion slot where it offers them, else
+    nothing; never a CPU."""
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    if gpus > 0:
+        return {"num_gpus": min(1.0, gpus / plan.pool_size), "num_cpus": 0}
+    if resources.get(INVERSION_SLOT, 0) >= 1:
         return {"num_cpus": 0, "resources": {INVERSION_SLOT: 1}}
-    return {"num_cpus": plan.worker_cpus}
+    return {"num_cpus": 0}
+
+
+def check_cluster(scenario: Scenario) -> None:
+    """Raise :class:`RayClusterError` (one line: what is needed, what the cluster has, what
+    fixes it) when the running cluster cannot host the plan: no node with ``client_cpus`` CPUs
+    for a client actor, or fewer inversion slots than ``attack.pool_size`` workers."""
+    fed, plan = scenario.federation, scenario.attack
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive") and node.get("Resources")]
+    largest = max((node.get("CPU", 0) for node in nodes), default=0)
+    if largest < fed.client_cpus:
+        raise RayClusterError(f"{scenario.source}: federation.client_cpus = {fed.client_cpus:g}, but the largest node of "
+                              f"the Ray cluster has {largest:g} CPUs; lower federation.client_cpus or add a node "
+                              f"with 'ray start --num-cpus {math.ceil(fed.client_cpus)}'")
+    slots = ray.cluster_resources().get(INVERSION_SLOT, 0)
+    if plan.attacks and ray.cluster_resources().get("GPU", 0) == 0 and 0 < slots < plan.pool_size:
+        raise RayClusterError(f"{scenario.source}: attack.pool_size = {plan.pool_size} inversion workers, but the Ray "
+                              f"cluster offers {slots:g} '{INVERSION_SLOT}'; lower attack.pool_size or start it with "
+                              f"ray start --resources '{{\"{INVERSION_SLOT}\": {plan.pool_size}}}'")

@@ -18,10 +18,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.app import app as client_app
 from fedsim.run.preparation import make_sink, prepare_run, validate_scenario
-from fedsim.run.ray_cluster import check_address, start_ray, stop_ray
+from fedsim.run.ray_cluster import check_address, check_cluster, start_ray, stop_ray
 from fedsim.rundir import FLOWER_LOG, ROUNDS
 from fedsim.scenario import Scenario
-from server.app import RunStopped, ServerSetup, serve
+from server.app import ServerSetup, serve
+from server.stops import RunStopped
 
 
 def _drop_expected_flower_warnings(record: logging.LogRecord) -> bool:
@@ -70,18 +71,26 @@ def run_scenario(scenario_path: str | Path, out: str | Path | None = None, ray_a
                  show_progress: bool = True, verbose: bool = False, scenario: Scenario | None = None) -> ServerSetup:
     """Validate and check everything that can be checked before Ray starts (scenario, device,
     output folder, data, cluster address), start Ray, run; Ray is shut down however the run
-    ends. A run stopped by the server raises :class:`server.app.RunStopped` after its rounds are
+    ends. A run stopped by the server raises :class:`server.stops.RunStopped` after its rounds are
     written; an interrupt propagates after the pool is abandoned. ``scenario``: one already
     validated (``scenario_path`` then only names it). Returns the setup."""
     started = time.monotonic()
     scenario = scenario or validate_scenario(scenario_path)
     if ray_address:
         check_address(ray_address)
-    setup = prepare_run(scenario_path, out, show_progress, scenario=scenario)
+
+    def start_cluster() -> None:
+        start_ray(ray_address, scenario.attack.pool_size if scenario.attack.attacks else 0, verbose)
+        check_cluster(scenario)
+
+    try:
+        setup = prepare_run(scenario_path, out, show_progress, scenario=scenario, before_create=start_cluster)
+    except BaseException:
+        stop_ray()
+        raise
     setup.verbose = verbose
     status = "crashed"
     try:
-        start_ray(ray_address, scenario.attack.pool_size if scenario.attack.attacks else 0, verbose)
         setup.sink = make_sink(setup)
         run_federation(setup)
         status = "completed"

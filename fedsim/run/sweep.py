@@ -127,7 +127,7 @@ def run_sweep(base_path: Path, defenses: list[str], params: list[str], seeds: in
               ray_address: str | None = None, show_progress: bool = True) -> list[dict[str, Any]]:
     """Run every setting into ``out/<setting>``; write and return the table's rows."""
     from fedsim.run.simulation import run_scenario
-    from server.app import RunStopped
+    from server.stops import RunStopped
 
     base = load_scenario(base_path)
     settings = plan_settings(base, defenses or [base.defense.name], [parse_param(p) for p in params], seeds)
