@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
@@ -157,3 +158,19 @@ class PrivacyLedger:
     @property
     def delta(self) -> float | None:
         return self._delta
+
+    def state_dict(self) -> dict[str, object]:
+        """The ledger as tensors and numbers (a run's checkpoint; ``torch.load(weights_only=True)``)."""
+        clients = sorted(self._client_rdp)
+        return {"clients": torch.tensor(clients, dtype=torch.int64),
+                "client_rdp": torch.tensor(np.array([self._client_rdp[c] for c in clients]).reshape(len(clients),
+                                                                                                 len(ORDERS))),
+                "federation_rdp": torch.tensor(self._federation_rdp),
+                "delta": -1.0 if self._delta is None else self._delta}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        rdp = state["client_rdp"].numpy()
+        self._client_rdp = {int(c): rdp[i].copy() for i, c in enumerate(state["clients"].tolist())}
+        self._federation_rdp = state["federation_rdp"].numpy().copy()
+        self._delta = None if state["delta"] < 0 else float(state["delta"])

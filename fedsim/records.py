@@ -8,7 +8,9 @@ it goes to scoring only.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
@@ -55,6 +57,31 @@ def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
+
+
+def save_upload(path: Path, server_round: int, client_id: int, global_state: dict[str, torch.Tensor],
+                upload: ClientUpload) -> None:
+    """Keep a tapped update on disk until its attacks are done (a resumed run re-queues them)."""
+    payload = {"round": server_round, "client": client_id, "global_state": global_state, "update": upload.update,
+               "num_examples": upload.num_examples, "num_steps": upload.num_steps, "train_loss": upload.train_loss,
+               "inputs": upload.inputs, "labels": upload.labels, "batches": pack_batches(upload.batches)}
+    atomic_save(payload, path)
+
+
+def load_upload(path: Path) -> tuple[int, int, dict[str, torch.Tensor], ClientUpload]:
+    """(round, client, θ_t, upload) of a file written by :func:`save_upload`."""
+    p = torch.load(path, weights_only=True)
+    upload = ClientUpload(p["update"], p["num_examples"], p["num_steps"], p["train_loss"], p["inputs"], p["labels"],
+                          unpack_batches(p["batches"]))
+    return p["round"], p["client"], p["global_state"], upload
+
+
+def atomic_save(payload: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
 
 
 def all_finite(tensors: dict[str, torch.Tensor]) -> bool:

@@ -21,12 +21,14 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
+from adversary.observation import observe
 from fedsim.data import DatasetSplits
 from fedsim.evaluation import evaluate_model
 from fedsim.models import initial_model, state_to_tensors
-from fedsim.records import all_finite
+from fedsim.records import all_finite, load_upload
 from fedsim.rundir import CLIENT_LOG, ROUNDS, RunDirectory
 from fedsim.scenario import Scenario
+from server.checkpoint import PENDING, Checkpoint, pending_uploads
 from server.stops import RoundFailed, RunDiverged
 from server.strategy import AttackSink, CuriousFedAvg
 
@@ -43,6 +45,7 @@ class ServerSetup:
     splits: DatasetSplits
     show_progress: bool = True
     verbose: bool = False  # Flower/Ray INFO logs
+    resume: Checkpoint | None = None  # continue after this checkpoint's round
 
 
 def _divergence(state: dict[str, torch.Tensor], train_loss: float | None, test_loss: float | None) -> str | None:
@@ -60,8 +63,15 @@ def serve(grid: Grid, setup: ServerSetup) -> None:
     scenario = setup.scenario
     splits = setup.splits
     model = initial_model(scenario, splits.domain.shape, splits.domain.num_classes)
-    strategy = CuriousFedAvg(scenario, setup.scenario_text, splits.domain, setup.sink)
-    bar = tqdm(total=scenario.federation.rounds, desc="FL rounds", unit="round", disable=not setup.show_progress)
+    done = setup.resume.round if setup.resume else 0
+    strategy = CuriousFedAvg(scenario, setup.scenario_text, splits.domain, setup.sink, first_round=done + 1,
+                             pending_dir=setup.run_dir.path / PENDING)
+    if setup.resume:
+        model.load_state_dict(setup.resume.global_state)
+        strategy.privacy.ledger.load_state_dict(setup.resume.privacy)
+        requeue_pending(setup)
+    bar = tqdm(total=scenario.federation.rounds, initial=done, desc="FL rounds", unit="round",
+               disable=not setup.show_progress)
 
     def report_failures(server_round: int, trace) -> None:  # noqa: ANN001 - a RoundTrace
         for failure, detail in zip(trace.failures, trace.failure_details):
@@ -69,9 +79,10 @@ def serve(grid: Grid, setup: ServerSetup) -> None:
                        f"{failure['error']}", file=sys.stderr)
             setup.run_dir.log(CLIENT_LOG, f"--- round {server_round}, client {failure['client']}\n{detail}")
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
+    def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if flower_round == 0:
             return None
+        server_round = strategy.round_of(flower_round)
         trace = strategy.traces[server_round]
         report_failures(server_round, trace)
         state = arrays.to_torch_state_dict()
@@ -94,12 +105,27 @@ def serve(grid: Grid, setup: ServerSetup) -> None:
             raise RunDiverged(server_round, diverged)
         if trace.clients and len(trace.failures) == len(trace.clients) and not scenario.federation.failures_expected:
             raise RoundFailed(server_round, len(trace.failures))
+        Checkpoint(server_round, state, strategy.privacy.ledger.state_dict()).save(setup.run_dir)
+        pending_uploads(setup.run_dir, scenario.attack.attacks)  # drops the ones whose attacks are done
         return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
 
     try:
-        strategy.start(grid, ArrayRecord(state_to_tensors(model)), num_rounds=scenario.federation.rounds,
+        strategy.start(grid, ArrayRecord(state_to_tensors(model)), num_rounds=scenario.federation.rounds - done,
                        timeout=3600.0, evaluate_fn=evaluate)
     finally:
         bar.close()
         if setup.sink is not None:
             setup.sink.close()
+    if not pending_uploads(setup.run_dir, scenario.attack.attacks) and (setup.run_dir.path / PENDING).exists():
+        (setup.run_dir.path / PENDING).rmdir()  # every tapped update's attacks are recorded
+
+
+def requeue_pending(setup: ServerSetup) -> None:
+    """Queue again the attack jobs of tapped updates whose records a crash left missing (the
+    sink skips the jobs already recorded)."""
+    if setup.sink is None:
+        return
+    for path in pending_uploads(setup.run_dir, setup.scenario.attack.attacks):
+        server_round, client, theta, upload = load_upload(path)
+        setup.sink.submit(*observe(setup.scenario, setup.splits.domain, setup.scenario.round_training(server_round),
+                                   server_round, client, theta, upload))

@@ -6,12 +6,19 @@ are bit-reproducible), and turns every reply the attack sink wants into an
 :class:`Observation` (what the server saw) plus a :class:`GroundTruth` (the evaluation-only
 channel). A defense that acts on the server (central DP) clips each update and noises the
 average *after* the tap has seen the raw updates; the run's DP accounting is charged per round.
+
+Flower counts rounds from 1; a resumed run starts at ``first_round``, so every round here is
+Flower's round + ``first_round`` − 1. Each update handed to the attack sink is also kept in
+``pending_dir`` (``fedsim.records.save_upload``) until its attacks are done, so that a resumed
+run can queue them again. Nothing round-dependent carries state from round to round: sampling,
+the clients' seeds and the server defense's noise all derive from (seed, round).
 """
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Protocol
 
 import numpy as np
@@ -23,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from adversary.observation import GroundTruth, Observation, observe
 from fedsim.domain import DataDomain
 from defenses.registry import build_defense
-from fedsim.records import all_finite, from_record, take_upload, to_record
+from fedsim.records import all_finite, from_record, save_upload, take_upload, to_record
 from fedsim.scenario import Scenario, TrainingSpec
 from fedsim.seeding import derive_seed, generator
 from server.privacy import RunPrivacy
@@ -78,7 +85,8 @@ class RoundTrace:
 
 
 class CuriousFedAvg(FedAvg):
-    def __init__(self, scenario: Scenario, scenario_text: str, domain: DataDomain, sink: AttackSink | None):
+    def __init__(self, scenario: Scenario, scenario_text: str, domain: DataDomain, sink: AttackSink | None,
+                 first_round: int = 1, pending_dir: Path | None = None):
         fed = scenario.federation
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=fed.clients_per_round,
                          min_available_nodes=fed.num_clients)
@@ -88,9 +96,13 @@ class CuriousFedAvg(FedAvg):
         self.sink = sink
         self.node_to_client: dict[int, int] = {}
         self.traces: dict[int, RoundTrace] = {}
-        defense = build_defense(scenario.defense, generator(scenario.seed, "server-defense"), scenario.source)
-        self.server_defense = defense if defense.acts_on_server else None
+        self.first_round = first_round
+        self.pending_dir = pending_dir
         self.privacy = RunPrivacy(scenario)
+
+    def round_of(self, flower_round: int) -> int:
+        """The run's round number of Flower's ``flower_round`` (they differ in a resumed run)."""
+        return flower_round + self.first_round - 1
 
     # -- sampling ---------------------------------------------------------------------
     def identify_clients(self, grid: Grid) -> None:
@@ -119,10 +131,11 @@ class CuriousFedAvg(FedAvg):
         rng = np.random.default_rng(derive_seed(self.scenario.seed, "sample", server_round))
         return sorted(int(c) for c in rng.choice(fed.num_clients, fed.clients_per_round, replace=False))
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+    def configure_train(self, flower_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if not self.node_to_client:
             self.identify_clients(grid)
+        server_round = self.round_of(flower_round)
         clients = self.sample_clients(server_round)
         trace = RoundTrace(self.scenario.round_training(server_round), from_record(arrays), clients)
         self.traces[server_round] = trace
@@ -132,9 +145,13 @@ class CuriousFedAvg(FedAvg):
         return self._construct_messages(record, [client_to_node[c] for c in clients], MessageType.TRAIN)
 
     # -- aggregation and the tap ------------------------------------------------------
-    def aggregate_train(self, server_round: int,
+    def aggregate_train(self, flower_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.round_of(flower_round)
         trace = self.traces[server_round]
+        defense = build_defense(self.scenario.defense, generator(self.scenario.seed, "server-defense", server_round),
+                                self.scenario.source)
+        server_defense = defense if defense.acts_on_server else None
         ok: list[tuple[int, Message]] = []
         for msg in replies:
             client = self.node_to_client.get(msg.metadata.src_node_id, -1)
@@ -150,20 +167,28 @@ class CuriousFedAvg(FedAvg):
             upload = uploads[client] = take_upload(msg.content, theta)  # strips the evaluation-only record
             # a diverged update (non-finite) is not attacked: the run stops on it (server.app)
             if self.sink is not None and self.sink.wants(server_round, client) and all_finite(upload.update):
+                if self.pending_dir is not None:
+                    save_upload(pending_path(self.pending_dir, server_round, client), server_round, client, theta,
+                                upload)
                 self.sink.submit(*observe(self.scenario, self.domain, trace.training, server_round, client, theta,
                                           upload))
-            if self.server_defense is not None:
-                msg.content[self.arrayrecord_key] = _state_record(theta, self.server_defense.on_server_update(upload.update))
-        arrays, metrics = super().aggregate_train(server_round, [m for _, m in ok])
-        if arrays is not None and self.server_defense is not None:
+            if server_defense is not None:
+                msg.content[self.arrayrecord_key] = _state_record(theta, server_defense.on_server_update(upload.update))
+        arrays, metrics = super().aggregate_train(flower_round, [m for _, m in ok])
+        if arrays is not None and server_defense is not None:
             average = from_record(arrays)
-            arrays = _state_record(theta, self.server_defense.on_aggregate(
+            arrays = _state_record(theta, server_defense.on_aggregate(
                 {k: average[k] - theta[k] for k in theta}, len(trace.clients)))
         if metrics is not None:
             trace.train_loss = float(metrics["train-loss"])
         trace.epsilon_round, trace.epsilon = self.privacy.charge(trace.training, uploads) or (None, None)
         trace.global_state = None
         return arrays, metrics
+
+
+def pending_path(folder: Path, server_round: int, client: int) -> Path:
+    """Where the tapped update of ``client`` in ``server_round`` waits for its attacks."""
+    return folder / f"r{server_round:03d}_c{client:03d}.pt"
 
 
 def _state_record(theta: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> ArrayRecord:

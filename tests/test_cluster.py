@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,14 @@ def cluster(tmp_path_factory):
                     "127.0.0.1", "--include-dashboard=false", "--temp-dir", str(temp), "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=120)
     yield f"127.0.0.1:{port}"
-    subprocess.run([str(RAY), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    # only this cluster's processes (they name its temp folder): 'ray stop' would end every Ray on
+    # the machine, other runs included
+    ours = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+    for process in ours:
+        process.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=20)
+    for process in alive:
+        process.kill()
 
 
 def _leakage(run: Path) -> list[tuple]:

@@ -84,15 +84,17 @@ class InversionPool:
     """Asynchronous attack execution for one run (see module docstring)."""
 
     def __init__(self, scenario: Scenario, run_dir: RunDirectory, actor_options: dict[str, Any],
-                 show_progress: bool = True):
+                 show_progress: bool = True, done: set[tuple[int, int, str]] = frozenset()):
         """Start ``attack.pool_size`` workers on the running Ray cluster, each placed with
-        ``actor_options`` (Ray resources: the wiring decides, ``fedsim.run.ray_cluster``)."""
+        ``actor_options`` (Ray resources: the wiring decides, ``fedsim.run.ray_cluster``).
+        ``done``: (round, client, attack) already recorded (a resumed run): never run again."""
         self.scenario = scenario
         self.plan = scenario.attack
         self.params = resolve_attack_params(self.plan.attacks, self.plan.params, scenario.source)
         self.run_dir = run_dir
         self.show_progress = show_progress
         self.actor_options = actor_options
+        self.claimed = set(done)  # (round, client, attack) recorded or queued: each runs once
         self.progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         self.idle = [self._new_actor() for _ in range(self.plan.pool_size)]
         ray.get([a.ready.remote() for a in self.idle])
@@ -117,8 +119,11 @@ class InversionPool:
         """Queue the plan's jobs for this update. The pool keeps the observation only in those
         jobs: it is released once they are done."""
         with self.lock:
-            jobs = plan_jobs(self.scenario, self.params, observation, truth, self.next_id)
-            self.next_id += len(jobs)
+            planned = plan_jobs(self.scenario, self.params, observation, truth, self.next_id)
+            self.next_id += len(planned)
+            key = (observation.server_round, observation.client_id)
+            jobs = [job for job in planned if (*key, job.attack) not in self.claimed]
+            self.claimed |= {(*key, job.attack) for job in jobs}
             self.queue.extend(jobs)
             self._dispatch()
         if self.plan.wait:

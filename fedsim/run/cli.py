@@ -1,6 +1,6 @@
 """The ``fedsim`` command line.
 
-``fedsim run SCENARIO [--out DIR]``     run the federation (and its attack plan)
+``fedsim run SCENARIO [--out DIR]``     run the federation (and its attack plan); ``--resume RUN_DIR`` continues one
 ``fedsim attack SCENARIO [--out DIR]``  single shot: attack one update at round 1, print leakage
 ``fedsim sweep SCENARIO --out DIR``     one run per defense / parameter value / seed, one table
 ``fedsim validate SCENARIO``            check a scenario file and exit
@@ -63,9 +63,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.rundir import ROUNDS
     from server.stops import RunStopped
 
+    if (args.scenario is None) == (args.resume is None):
+        raise UserError("give a SCENARIO to run, or --resume RUN_DIR to continue a run (not both)")
+    if args.resume is not None and args.out is not None:
+        raise UserError("--resume continues the run in its own folder; leave --out out")
     try:
         setup = run_scenario(args.scenario, args.out, args.ray_address, show_progress=not args.quiet,
-                             verbose=args.verbose)
+                             verbose=args.verbose, resume=args.resume)
     except RunStopped as stop:
         _print_tables(stop.setup)
         _write_report(stop.setup)
@@ -130,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     parser = argparse.ArgumentParser(prog="fedsim", description=__doc__.splitlines()[0], parents=[flags])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a scenario", parents=[flags])
-    run.add_argument("scenario", type=Path)
+    run = sub.add_parser("run", help="run a scenario (or continue an interrupted run)", parents=[flags])
+    run.add_argument("scenario", type=Path, nargs="?")
+    run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR after its last completed round")
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIMESTAMP)")
     run.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
     run.set_defaults(func=cmd_run)

@@ -18,9 +18,10 @@ from defenses.registry import validate_defense
 from fedsim.config import ScenarioError
 from fedsim.data import DatasetSplits, load_data, scenario_partitions
 from fedsim.run.ray_cluster import inversion_worker_options
-from fedsim.rundir import RunDirectory
+from fedsim.rundir import RunDirectory, RunDirectoryError
 from fedsim.scenario import Scenario, load_scenario, parse_scenario, scenario_to_table
 from server.app import ServerSetup
+from server.checkpoint import Checkpoint, attacked
 from server.strategy import AttackSink
 
 
@@ -71,23 +72,54 @@ def make_sink(setup: ServerSetup) -> AttackSink | None:
         return None
     lpips_checkpoint()
     return InversionPool(scenario, setup.run_dir, inversion_worker_options(scenario.attack),
-                         show_progress=setup.show_progress)
+                         show_progress=setup.show_progress, done=attacked(setup.run_dir))
 
 
 def prepare_run(scenario_path: str | Path, out: str | Path | None = None, show_progress: bool = True,
-                scenario: Scenario | None = None, before_create: Callable[[], None] | None = None) -> ServerSetup:
+                scenario: Scenario | None = None, before_create: Callable[[Scenario], None] | None = None) -> ServerSetup:
     """Validate, check the output folder, load the data, run ``before_create`` (e.g. start Ray
     and check the cluster: nothing is written before it passes), create the run directory. The
     setup has no attack sink yet (:func:`make_sink`, once Ray runs)."""
     scenario = scenario or validate_scenario(scenario_path)
-    device = pick_device(scenario)
     out = Path(out) if out else default_run_dir(scenario)
     RunDirectory.check_new(out)  # before the data is loaded
+
+    def create() -> RunDirectory:
+        run_dir = RunDirectory.create(out)
+        run_dir.write_setup(scenario, str(pick_device(scenario)))
+        return run_dir
+
+    return _setup(scenario, show_progress, before_create, create, None)
+
+
+def prepare_resume(run_path: str | Path, show_progress: bool = True,
+                   before_create: Callable[[Scenario], None] | None = None) -> ServerSetup:
+    """The setup that continues the run in ``run_path`` after its last checkpoint, with the
+    scenario the run resolved. Rounds recorded after the checkpoint are dropped (they run
+    again, identically); attack records are kept and their jobs not run again."""
+    path = Path(run_path)
+    if not (path / "scenario.toml").is_file():
+        raise RunDirectoryError(f"{path}: not a run directory (no scenario.toml); nothing to resume")
+    scenario = validate_scenario(path / "scenario.toml")
+    checkpoint = Checkpoint.load(RunDirectory(path))
+    done = checkpoint.round if checkpoint else 0
+    if done >= scenario.federation.rounds:
+        raise RunDirectoryError(f"{path}: all {scenario.federation.rounds} rounds are done; nothing to resume")
+
+    def reopen() -> RunDirectory:
+        run_dir = RunDirectory(path)
+        run_dir.keep_rounds_through(done)
+        return run_dir
+
+    return _setup(scenario, show_progress, before_create, reopen, checkpoint)
+
+
+def _setup(scenario: Scenario, show_progress: bool, before_create: Callable[[Scenario], None] | None,
+           open_run_dir: Callable[[], RunDirectory], resume: Checkpoint | None) -> ServerSetup:
+    device = pick_device(scenario)
     splits = load_data(scenario.data, scenario.seed)  # fails here, before any round, if data is missing
     check_partition(scenario, splits)
     if before_create is not None:
-        before_create()
-    run_dir = RunDirectory.create(out)
-    run_dir.write_setup(scenario, str(device))
+        before_create(scenario)
     text = tomli_w.dumps(scenario_to_table(scenario))
-    return ServerSetup(scenario, text, run_dir, None, device, splits, show_progress)
+    return ServerSetup(scenario, text, open_run_dir(), None, device, splits, show_progress, resume=resume)

@@ -17,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.app import app as client_app
-from fedsim.run.preparation import make_sink, prepare_run, validate_scenario
+from fedsim.run.preparation import make_sink, prepare_resume, prepare_run, validate_scenario
 from fedsim.run.ray_cluster import check_address, check_cluster, start_ray, stop_ray
 from fedsim.rundir import FLOWER_LOG, ROUNDS
 from fedsim.scenario import Scenario
@@ -67,27 +67,32 @@ def _route_flower_log(setup: ServerSetup) -> None:
     flwr_logger.addHandler(logging.FileHandler(setup.run_dir.path / FLOWER_LOG, encoding="utf-8"))
 
 
-def run_scenario(scenario_path: str | Path, out: str | Path | None = None, ray_address: str | None = None,
-                 show_progress: bool = True, verbose: bool = False, scenario: Scenario | None = None) -> ServerSetup:
+def run_scenario(scenario_path: str | Path | None, out: str | Path | None = None, ray_address: str | None = None,
+                 show_progress: bool = True, verbose: bool = False, scenario: Scenario | None = None,
+                 resume: str | Path | None = None) -> ServerSetup:
     """Validate and check everything that can be checked before Ray starts (scenario, device,
     output folder, data, cluster address), start Ray, run; Ray is shut down however the run
     ends. A run stopped by the server raises :class:`server.stops.RunStopped` after its rounds are
     written; an interrupt propagates after the pool is abandoned. ``scenario``: one already
-    validated (``scenario_path`` then only names it). Returns the setup."""
+    validated (``scenario_path`` then only names it). ``resume``: continue that run directory
+    after its last checkpoint instead (no scenario needed). Returns the setup."""
     started = time.monotonic()
-    scenario = scenario or validate_scenario(scenario_path)
+    if resume is None:
+        scenario = scenario or validate_scenario(scenario_path)
     if ray_address:
         check_address(ray_address)
 
-    def start_cluster() -> None:
-        start_ray(ray_address, scenario.attack.pool_size if scenario.attack.attacks else 0, verbose)
-        check_cluster(scenario)
+    def start_cluster(planned: Scenario) -> None:
+        start_ray(ray_address, planned.attack.pool_size if planned.attack.attacks else 0, verbose)
+        check_cluster(planned)
 
     try:
-        setup = prepare_run(scenario_path, out, show_progress, scenario=scenario, before_create=start_cluster)
+        setup = (prepare_resume(resume, show_progress, before_create=start_cluster) if resume is not None else
+                 prepare_run(scenario_path, out, show_progress, scenario=scenario, before_create=start_cluster))
     except BaseException:
         stop_ray()
         raise
+    scenario = setup.scenario
     setup.verbose = verbose
     status = "crashed"
     try:
