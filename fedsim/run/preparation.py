@@ -10,6 +10,7 @@ from pathlib import Path
 import tomli_w
 import torch
 
+from adversary.maths.defense_model import check_bayes_loss
 from adversary.runtime.registry import resolve_attack_params
 from adversary.runtime.workers import InversionPool
 from adversary.scoring.metrics import lpips_checkpoint
@@ -27,7 +28,7 @@ def validate_scenario(path: str | Path) -> Scenario:
     """Load ``path`` and check every table, registries included; raises ScenarioError."""
     scenario = load_scenario(path)
     validate_defense(scenario)
-    resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
+    check_bayes_loss(scenario, resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source))
     pick_device(scenario)
     return scenario
 
