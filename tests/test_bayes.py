@@ -279,7 +279,8 @@ def test_topk_noise_std_noises_only_the_kept_entries():
 def test_topk_default_draws_nothing_and_is_the_plain_pruning():
     t = torch.randn(40, 10, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(7)
-    out = Topk(TopkParams(percent=10.0), generator).on_update({"w": t})
+    assert TopkParams().noise_std == 0.0
+    out = Topk(TopkParams(percent=10.0, noise_std=0.0), generator).on_update({"w": t})
     assert torch.equal(out["w"], topk_tensor(t, 10.0))
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(7).get_state())
 
