@@ -21,6 +21,11 @@ schedule, momentum, weight decay, nesterov) on the dummies with
 one-step model, with weight decay/nesterov accounted for exactly).
 
 Labels come from :mod:`adversary.maths.labels` unless the scenario grants them (``obs.labels``).
+
+``loss = "bayes"`` (Balunović et al., ICLR'22) makes this the defense-aware attacker: the cosine
+term is replaced by the known defense's negative log-likelihood of the observed Δ, per compared
+entry (:mod:`adversary.maths.defense_model`; gaussian, laplace, dp_local, topk; needs
+``attack.knows_defense``), the TV prior kept.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adversary.maths.defense_model import BAYES_LOSS
 from adversary.maths.matching import (BN_WEIGHT, TV_WEIGHT, Descent, Matcher, attack_labels, descend_inputs,
                                       initial_inputs, resolve_mode)
 from adversary.maths.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES, total_variation
@@ -58,8 +64,9 @@ class GeipingParams:
     lr_decay: bool = field(default=True, metadata={"doc": "lr x0.1 at 3/8, 5/8, 7/8 of the iterations"})
     signed: bool = field(default=True, metadata={"doc": "step on the sign of the input gradient"})
     tv_weight: float = field(default=TV_WEIGHT, metadata={"min": 0.0, "doc": "total-variation prior weight"})
-    bn_weight: float = field(default=BN_WEIGHT, metadata={"min": 0.0, "doc": "weight of the BN running-statistics match"})
-    loss: str = field(default="cosine", metadata={"choices": MATCHING_LOSSES})
+    bn_weight: float = field(default=BN_WEIGHT, metadata={"min": 0.0, "doc": "weight of the BN running-statistics match (loss 'bayes': > 0 puts them into the likelihood)"})
+    loss: str = field(default="cosine", metadata={"choices": MATCHING_LOSSES + (BAYES_LOSS,),
+                                                  "doc": "'bayes': the known defense's NLL of the observed update"})
     layer_weighting: str = field(default="equal", metadata={"choices": LAYER_WEIGHTINGS})
     init: str = field(default="randn", metadata={"choices": ("randn", "rand", "zeros")})
     multistep: str = field(default="auto", metadata={"choices": ("auto", "unroll", "naive")})

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from adversary.maths.defense_model import BAYES_LOSS, UpdateLikelihood, defense_model
 from adversary.maths.labels import recover_labels
 from adversary.maths.objectives import l2_distance, layer_weights, matching_loss
 from adversary.observation import Observation, global_model
@@ -33,6 +34,12 @@ class Matcher:
 
     Shared by the optimisation attacks. ``mode`` ``unroll`` replays the public local loop;
     ``naive`` predicts one step on the whole batch (−lr·∇L at θ_t).
+
+    ``loss`` names a distance of :mod:`adversary.maths.objectives` (compared in gradient units,
+    Δ/lr, plus ``bn_weight`` × the relative L2 of the BN running statistics), or ``"bayes"``: the
+    known defense's negative log-likelihood of the observed Δ (:mod:`adversary.maths.defense_model`;
+    needs ``obs.defense``), in Δ units, over the parameters and — when ``bn_weight > 0``, whatever
+    its value — the BN running statistics, in one likelihood with no separate BN term.
     """
 
     def __init__(self, obs: Observation, device: torch.device, mode: str, *, loss: str = "cosine",
@@ -55,20 +62,31 @@ class Matcher:
             raise ValueError(f"unknown mode {mode!r}")
         self.param_names = [k for k in parameter_names(self.model) if obs.update[k].abs().sum() > 0]
         self.buffer_names = batchnorm_buffer_names(self.model) if bn_weight > 0 else []
-        # compared in gradient units (Δ/lr), which keeps L2 losses at a sensible scale
-        self.scale = 1.0 / tr.lr
+        self.defense = defense_model(obs.defense) if loss == BAYES_LOSS else None
+        # the BN statistics are predicted when compared, and for a clipping defense (its norm spans them)
+        self.predict_buffers = bool(self.buffer_names) or (self.defense is not None
+                                                           and self.defense.clip_norm is not None)
+        # compared in gradient units (Δ/lr), which keeps L2 losses at a sensible scale; the
+        # likelihood in Δ units, where the defense's noise lives
+        self.scale = 1.0 if self.defense is not None else 1.0 / tr.lr
         self.targets = [obs.update[k].to(device=device, dtype=torch.float32) * self.scale for k in self.param_names]
         self.buffer_targets = [obs.update[k].to(device=device, dtype=torch.float32) for k in self.buffer_names]
+        self.likelihood: UpdateLikelihood | None = None
+        if self.defense is not None:
+            self.likelihood = self.defense.likelihood(self.targets + self.buffer_targets,
+                                                      self.param_names + self.buffer_names)
         self.loss = loss
         self.bn_weight = bn_weight
         self.weights = layer_weights(len(self.param_names), layer_weighting, device=device)
 
     def predict(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return unroll_local_training(self.model, self.state, inputs, labels, self.training,
-                                     self.batches, buffers=bool(self.buffer_names))
+                                     self.batches, buffers=self.predict_buffers)
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pred = self.predict(inputs, labels)
+        if self.likelihood is not None:
+            return self.likelihood(pred)
         value = matching_loss(self.loss, [pred[k] * self.scale for k in self.param_names], self.targets,
                               self.weights)
         if self.buffer_names:

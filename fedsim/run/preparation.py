@@ -11,6 +11,7 @@ from typing import Callable
 import tomli_w
 import torch
 
+from adversary.maths.defense_model import check_bayes_loss
 from adversary.runtime.registry import resolve_attack_params
 from adversary.runtime.workers import InversionPool
 from adversary.scoring.metrics import lpips_checkpoint
@@ -37,7 +38,7 @@ def validate_table(table: dict, source: str) -> Scenario:
 
 def _validated(scenario: Scenario) -> Scenario:
     validate_defense(scenario)
-    resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
+    check_bayes_loss(scenario, resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source))
     pick_device(scenario)
     return scenario
 
