@@ -97,7 +97,7 @@ def serve(grid: Grid, setup: ServerSetup) -> None:
             "test_loss": loss if diverged is None else None, "train_loss": trace.train_loss,
             "clients": trace.clients, "failures": trace.failures, "diverged": diverged is not None,
             "epsilon_round": trace.epsilon_round, "epsilon": trace.epsilon,
-            "seconds": round(time.monotonic() - trace.started, 3),
+            "seconds": round(time.monotonic() - trace.started, 3), "ended_at": round(time.time(), 3),
         })
         bar.set_postfix(acc="-" if accuracy is None else f"{accuracy:.3f}", failures=len(trace.failures))
         bar.update()

@@ -50,6 +50,7 @@ def _records(run: Path, name: str) -> list[dict]:
     for line in (run / name).read_text().splitlines():
         record = json.loads(line)
         record.pop("seconds")
+        record.pop("ended_at", None)
         record.get("extras", {}).pop("seconds", None)
         out.append(record)
     return sorted(out, key=lambda r: (r["round"], r.get("client", -1), r.get("attack", "")))

@@ -65,7 +65,7 @@ def two_runs(tmp_path_factory):
 def test_same_seed_gives_identical_rounds(two_runs):
     (_, first), (_, second) = two_runs
     assert len(first) == 2
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("seconds", "ended_at")} for r in recs]  # noqa: E731
     assert strip(first) == strip(second)
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["train_loss"] > 0 for r in first)
 
