@@ -14,19 +14,14 @@ from dataclasses import dataclass, field
 import torch
 
 from defenses.base import Defense
-from defenses.tensors import clip_to_norm, gaussian_like, is_floating
+from defenses.tensors import clip_to_norm, gaussian_like, with_noise
 
 
 @dataclass(frozen=True)
 class DpLocalParams:
     clip_norm: float = field(default=1.0, metadata={"gt": 0.0, "doc": "C: L2 norm Δ is clipped to"})
     noise_multiplier: float = field(default=1.0, metadata={"min": 0.0, "doc": "σ: noise std is σ·C per entry"})
-    delta: float = field(default=1e-5, metadata={"gt": 0.0, "doc": "δ at which the accountant reports ε"})
-
-    def check(self) -> tuple[str, str] | None:
-        if self.delta >= 1.0:
-            return "delta", f"got {self.delta!r}, must be < 1"
-        return None
+    delta: float = field(default=1e-5, metadata={"gt": 0.0, "lt": 1.0, "doc": "δ at which the accountant reports ε"})
 
 
 class DpLocal(Defense):
@@ -39,4 +34,4 @@ class DpLocal(Defense):
         # ground truth); it would also clip and noise the integer num_batches_tracked arrays.
         clipped = clip_to_norm(update, self.params.clip_norm)
         std = self.params.noise_multiplier * self.params.clip_norm
-        return {k: v + gaussian_like(v, std, self.generator) if is_floating(v) else v for k, v in clipped.items()}
+        return with_noise(clipped, lambda v: gaussian_like(v, std, self.generator))

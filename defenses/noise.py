@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from defenses.base import Defense
-from defenses.tensors import gaussian_like, is_floating, laplace_like
+from defenses.tensors import gaussian_like, laplace_like, with_noise
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,7 @@ class GaussianNoise(Defense):
     params: GaussianParams
 
     def on_update(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v + gaussian_like(v, self.params.std, self.generator) if is_floating(v) else v
-                for k, v in update.items()}
+        return with_noise(update, lambda v: gaussian_like(v, self.params.std, self.generator))
 
 
 class LaplaceNoise(Defense):
@@ -37,5 +36,4 @@ class LaplaceNoise(Defense):
     params: LaplaceParams
 
     def on_update(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v + laplace_like(v, self.params.scale, self.generator) if is_floating(v) else v
-                for k, v in update.items()}
+        return with_noise(update, lambda v: laplace_like(v, self.params.scale, self.generator))

@@ -3,6 +3,8 @@ clipping, and noise drawn from the client's generator (a CPU ``torch.Generator``
 is drawn on the CPU and moved to the tensor's device, so runs are reproducible per seed)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -36,6 +38,11 @@ def laplace_like(t: torch.Tensor, scale: float, generator: torch.Generator) -> t
     u = u.clamp(-0.5 + 1e-12, 0.5 - 1e-12)
     noise = -scale * torch.sign(u) * torch.log1p(-2.0 * u.abs())
     return noise.to(dtype=t.dtype, device=t.device)
+
+
+def with_noise(tensors: dict[str, torch.Tensor], draw: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every floating entry plus ``draw(entry)`` (noise shaped like it); integers untouched."""
+    return {k: v + draw(v) if is_floating(v) else v for k, v in tensors.items()}
 
 
 def percentile(values: torch.Tensor, q: float) -> float:

@@ -4,7 +4,7 @@ Every scenario section (and every attack/defense parameter table) is a frozen
 dataclass. Fields may carry constraints in ``dataclasses.field(metadata=...)``:
 
 - ``choices``: allowed values (strings),
-- ``min`` / ``max``: inclusive numeric bounds, ``gt``: exclusive lower bound,
+- ``min`` / ``max``: inclusive numeric bounds, ``gt`` / ``lt``: exclusive lower / upper bounds,
 - ``pattern``: a regular expression a string must match in full (``pattern_doc`` says it in words),
 - ``doc``: one line shown in error messages and the README.
 
@@ -112,13 +112,15 @@ def _check_constraints(value: Any, meta: Mapping[str, Any], source: str, key: st
         if pattern is not None and isinstance(item, str) and not re.fullmatch(pattern, item):
             raise ScenarioError(source, key, f"got {item!r}, must be {meta.get('pattern_doc', f'like {pattern}')}")
         if isinstance(item, (int, float)) and not isinstance(item, bool):
-            lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
+            lo, hi, gt, lt = meta.get("min"), meta.get("max"), meta.get("gt"), meta.get("lt")
             if lo is not None and item < lo:
                 raise ScenarioError(source, key, f"got {item!r}, must be >= {lo}")
             if hi is not None and item > hi:
                 raise ScenarioError(source, key, f"got {item!r}, must be <= {hi}")
             if gt is not None and item <= gt:
                 raise ScenarioError(source, key, f"got {item!r}, must be > {gt}")
+            if lt is not None and item >= lt:
+                raise ScenarioError(source, key, f"got {item!r}, must be < {lt}")
 
 
 def build_dataclass(cls: type[T], table: Mapping[str, Any], source: str | Path, prefix: str = "") -> T:

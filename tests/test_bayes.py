@@ -33,12 +33,7 @@ from fedsim.scenario import DataSpec, DefenseSpec, ModelSpec, TrainingSpec, load
 FEDSGD = TrainingSpec(batch_size=1, lr=0.1, shuffle=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ CONV = ModelSpec(name="convnet", width=2)
 TRAINING = TrainingSpec(epochs=1, batch_size=4, lr=0.1, momentum=0.9, shuffle=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(spec: ModelSpec, n: int = 8, seed: int = 0):

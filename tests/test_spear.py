@@ -28,13 +28,7 @@ from fedsim.scenario import DataSpec, ModelSpec, TrainingSpec
 from helpers import client_update
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The search is vectorised; on shared cores one thread is fastest. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the search is vectorised
 
 
 def _skimage_crops(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
