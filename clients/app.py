@@ -1,7 +1,8 @@
 """The Flower ClientApp: local training, then the defense, then upload.
 
 The server dictates everything in the train message's config: the scenario (TOML text),
-the round's learning rate. A client's identity is its ``partition-id``; its private data
+the round's learning rate, and which clients send their ground truth (evaluation only: the
+updates the server will score an attack on). A client's identity is its ``partition-id``; its private data
 is the partition of the scenario's training pool with that id.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from clients.training import run_client_round
 from fedsim.data import DatasetSplits, load_data, scenario_partitions
-from fedsim.records import from_record, reply_content
+from fedsim.records import GROUND_TRUTH_CLIENTS, from_record, reply_content
 from fedsim.scenario import Scenario, parse_scenario
 
 app = ClientApp()
@@ -64,4 +65,5 @@ def train(msg: Message, context: Context) -> Message:
     global_state = from_record(msg.content["arrays"])
     upload = run_client_round(scenario, splits, parts[client_id], client_id, server_round, global_state,
                               float(config["lr"]))
-    return Message(reply_content(global_state, upload), reply_to=msg)
+    with_truth = GROUND_TRUTH_CLIENTS not in config or client_id in list(config[GROUND_TRUTH_CLIENTS])
+    return Message(reply_content(global_state, upload, with_truth), reply_to=msg)

@@ -1,10 +1,11 @@
 """Wire format between client and server: what one client returns from one round, and how
 it travels in a Flower reply.
 
-The client's reply carries three records: ``arrays`` (θ', aggregated by FedAvg),
-``metrics`` and ``GROUND_TRUTH_KEY`` (the examples and batches it trained on). The strategy
-removes the ground-truth record (:func:`take_upload`) before anything else sees the message;
-it goes to scoring only.
+The client's reply carries ``arrays`` (θ', aggregated by FedAvg), ``metrics`` and, when the
+server will score an attack on this update (the round config lists the client in
+``GROUND_TRUTH_CLIENTS``), ``GROUND_TRUTH_KEY`` (the examples and batches it trained on). The
+strategy removes the ground-truth record (:func:`take_upload`) before anything else sees the
+message; it goes to scoring only.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 GROUND_TRUTH_KEY = "eval-only-ground-truth"
+#: round-config key: the clients whose reply carries the ground truth (absent: every client)
+GROUND_TRUTH_CLIENTS = "ground-truth-clients"
 
 
 @dataclass
@@ -24,18 +27,18 @@ class ClientUpload:
 
     ``update``: the uploaded Δ (after the defense) for every state entry; ``num_examples``: its
     local data set size (reported); ``num_steps``: local optimizer steps (reported);
-    ``train_loss``: mean over the steps. Evaluation only: ``inputs`` (N, C, H, W) and
-    ``labels`` (N,), the distinct examples it trained on, and ``batches``, each step's batch as
-    indices into them.
+    ``train_loss``: mean over the steps. Evaluation only (None when the reply did not carry
+    them): ``inputs`` (N, C, H, W) and ``labels`` (N,), the distinct examples it trained on, and
+    ``batches``, each step's batch as indices into them.
     """
 
     update: dict[str, torch.Tensor]
     num_examples: int
     num_steps: int
     train_loss: float
-    inputs: torch.Tensor
-    labels: torch.Tensor
-    batches: list[tuple[int, ...]]
+    inputs: torch.Tensor | None
+    labels: torch.Tensor | None
+    batches: list[tuple[int, ...]] | None
 
 
 def pack_batches(batches: list[tuple[int, ...]]) -> torch.Tensor:
@@ -89,21 +92,26 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
 
 
-def reply_content(global_state: dict[str, torch.Tensor], upload: ClientUpload) -> RecordDict:
-    """The client's reply: θ' = θ_t + Δ, the reported metrics and the evaluation-only record."""
+def reply_content(global_state: dict[str, torch.Tensor], upload: ClientUpload, with_truth: bool = True) -> RecordDict:
+    """The client's reply: θ' = θ_t + Δ, the reported metrics and (``with_truth``) the
+    evaluation-only record."""
     new_state = {k: global_state[k] + upload.update[k] for k in global_state}
-    truth = {"inputs": upload.inputs, "labels": upload.labels, "batches": pack_batches(upload.batches)}
     metrics = MetricRecord({"num-examples": upload.num_examples, "steps": upload.num_steps,
                             "train-loss": upload.train_loss})
-    return RecordDict({"arrays": to_record(new_state), "metrics": metrics, GROUND_TRUTH_KEY: to_record(truth)})
+    content = RecordDict({"arrays": to_record(new_state), "metrics": metrics})
+    if with_truth:
+        truth = {"inputs": upload.inputs, "labels": upload.labels, "batches": pack_batches(upload.batches)}
+        content[GROUND_TRUTH_KEY] = to_record(truth)
+    return content
 
 
 def take_upload(content: RecordDict, global_state: dict[str, torch.Tensor]) -> ClientUpload:
     """Read a reply made by :func:`reply_content` against θ_t = ``global_state``, removing the
     evaluation-only record from ``content`` (FedAvg then sees only arrays and metrics)."""
-    truth = from_record(content.pop(GROUND_TRUTH_KEY))
+    truth = from_record(content.pop(GROUND_TRUTH_KEY)) if GROUND_TRUTH_KEY in content else None
     received = from_record(content["arrays"])
     metrics = content["metrics"]
     return ClientUpload({k: received[k] - global_state[k] for k in global_state}, int(metrics["num-examples"]),
-                        int(metrics["steps"]), float(metrics["train-loss"]), truth["inputs"], truth["labels"],
-                        unpack_batches(truth["batches"]))
+                        int(metrics["steps"]), float(metrics["train-loss"]),
+                        None if truth is None else truth["inputs"], None if truth is None else truth["labels"],
+                        None if truth is None else unpack_batches(truth["batches"]))

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from adversary.observation import GroundTruth, Observation, observe
 from fedsim.domain import DataDomain
 from defenses.registry import build_defense
-from fedsim.records import all_finite, from_record, save_upload, take_upload, to_record
+from fedsim.records import GROUND_TRUTH_CLIENTS, all_finite, from_record, save_upload, take_upload, to_record
 from fedsim.scenario import Scenario, TrainingSpec
 from fedsim.seeding import derive_seed, generator
 from server.privacy import RunPrivacy
@@ -139,7 +139,9 @@ class CuriousFedAvg(FedAvg):
         clients = self.sample_clients(server_round)
         trace = RoundTrace(self.scenario.round_training(server_round), from_record(arrays), clients)
         self.traces[server_round] = trace
-        config = ConfigRecord({"scenario": self.scenario_text, "lr": trace.training.lr, "server-round": server_round})
+        scored = [c for c in clients if self.sink is not None and self.sink.wants(server_round, c)]
+        config = ConfigRecord({"scenario": self.scenario_text, "lr": trace.training.lr, "server-round": server_round,
+                               GROUND_TRUTH_CLIENTS: scored})
         client_to_node = {c: n for n, c in self.node_to_client.items()}
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, [client_to_node[c] for c in clients], MessageType.TRAIN)

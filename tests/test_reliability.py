@@ -318,6 +318,7 @@ def test_a_round_where_every_client_failed_stops_the_run(tmp_path, capsys):
     failed = [line for line in lines if "failed: client" in line]
     assert len(failed) == 2 and all(line.startswith("fedsim: warning: round 1: client ") for line in failed)
     assert "Traceback" not in err and lines[-1].startswith("fedsim: error: round 1: all 2 sampled clients failed")
+    assert all(line.startswith("fedsim: ") for line in lines)  # nothing from Flower or Ray in the terminal
     log = (tmp_path / "run" / "clients.log").read_text()
     assert log.count("--- round 1, client") == 2 and log.count("fails by scenario") >= 2 and 'File "' in log
 
