@@ -89,14 +89,17 @@ def test_defense_models_read_the_defense_parameters_and_score_by_name():
     assert float(gauss.likelihood(OBS, names)(pred)) == pytest.approx(9.5 / 8 / 7)
     assert float(lap.likelihood(OBS, names)(pred)) == pytest.approx(6.0 / 0.5 / 7)
     masked = top.likelihood(OBS, names)
-    assert masked.count == 5 and float(masked(pred)) == pytest.approx(5.25 / 8 / 5)
-    # a pruned entry carries no term: changing the prediction there changes nothing
-    moved = {"a": PRED[0], "b": PRED[1] + torch.tensor([[0.0, 0.0], [7.0, -3.0]])}
-    assert float(masked(moved)) == pytest.approx(float(masked(pred)))
+    # kept: 5.25 / (2·2²) over 5 entries, weighted 5/7; pruned: b's τ = 1, excesses (2 − 1, 0) -> 1 / (2·2²) / 7
+    assert masked.count == 5 and float(masked(pred)) == pytest.approx(5.25 / 8 / 5 * 5 / 7 + 1.0 / 8 / 7)
+    # a pruned entry costs nothing while |Δ_pred| stays below τ = 1, and grows past it
+    inside = {"a": PRED[0], "b": torch.tensor([[0.0, -1.0], [0.9, -1.0]])}
+    assert float(masked(inside)) == pytest.approx(5.25 / 8 / 5 * 5 / 7)
+    outside = {"a": PRED[0], "b": torch.tensor([[0.0, -1.0], [3.0, -1.0]])}
+    assert float(masked(outside)) == pytest.approx(5.25 / 8 / 5 * 5 / 7 + 4.0 / 8 / 7)
     # noise-free top-k: the scale is the kept observed entries' RMS (sqrt(9.25 / 5))
     plain = defense_model(DefenseSpec("topk", {"percent": 50.0})).likelihood(OBS, names)
     assert plain.scale == pytest.approx(math.sqrt(9.25 / 5))
-    assert float(plain(pred)) == pytest.approx(5.25 / (2 * 9.25 / 5) / 5)
+    assert float(plain(pred)) == pytest.approx((5.25 * 5 / 7 / 5 + 1.0 / 7) / (2 * 9.25 / 5))
 
 
 def test_defense_models_refuse_an_unknown_or_unsupported_defense():
