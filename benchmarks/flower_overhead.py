@@ -5,13 +5,15 @@ on 32×32 embedded photos, 50 examples per client, batch 16, 2 local epochs of S
 Flower app (Message API, ``FedAvg``, a ClientApp that loads its partition and trains, no
 evaluation, no tap) and ``fedsim run`` on the equivalent scenario (no attack, no defense;
 fedsim evaluates the global model on its test split every round and writes its records). Both
-load their data with the same loader (``fedsim.data``), so the comparison is of the
-machinery. Each runs in its own process (its own Ray); the benchmark samples the resident
+load their data with the same loader (``fedsim.data``), from the disk cache the benchmark
+fills first (:mod:`fedsim.cache`), so the comparison is of the machinery. Each runs in its own process (its own Ray); the benchmark samples the resident
 memory of each process tree every 0.2 s.
 
-Reported: steady-state seconds per round (median over rounds 2–10 of the time from one round's
-end to the next, the evaluation and the records included; round 1 starts the actors),
-wall seconds of the whole command, peak memory of the process tree, and fedsim / Flower ratios.
+Each program runs ``--repeats`` times, alternating, each run on a machine left idle by the
+previous one (its Ray processes gone). Reported: steady-state seconds per round (median over
+rounds 2–10 of all repeats of the time from one round's end to the next, the evaluation and the
+records included; round 1 starts the actors), wall seconds of the whole command (median over
+repeats), peak memory of the process tree (largest), and fedsim / Flower ratios.
 
     python benchmarks/flower_overhead.py --out benchmarks/results/flower_overhead_cpu.json
 """
@@ -41,6 +43,7 @@ seed = 0
 [data]
 train_examples = {CLIENTS * EXAMPLES}
 test_examples = 500
+examples_per_client = {EXAMPLES}
 [model]
 name = "convnet"
 width = {WIDTH}
@@ -54,9 +57,12 @@ batch_size = {BATCH}
 lr = {LR}
 """
 
-# The textbook app: everything a Flower user writes for FedAvg with the Message API.
+# The textbook app: everything a Flower user writes for FedAvg with the Message API. It is a
+# module of its own (``textbook_app``), as in a Flower App: Ray's workers import the ClientApp's
+# functions by name. Run by RUN_TEXTBOOK, which prints the gaps between round ends and the rounds
+# that aggregated replies (all of them, or the comparison is void).
 TEXTBOOK = f'''
-import functools, json, os, sys, time
+import functools, os, time
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch
@@ -65,7 +71,6 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.simulation import run_simulation
 from fedsim.data import load_data
 from fedsim.models import ConvNet
 from fedsim.scenario import DataSpec
@@ -100,6 +105,7 @@ def train(msg: Message, context: Context) -> Message:
 
 server = ServerApp()
 ENDS = []
+TRAINED = []
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
@@ -109,19 +115,26 @@ def main(grid: Grid, context: Context) -> None:
         ENDS.append(time.monotonic())
         return None
     torch.manual_seed(0)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(ConvNet(3, 10, {WIDTH}).state_dict()),
-                   num_rounds={ROUNDS}, evaluate_fn=mark)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(ConvNet(3, 10, {WIDTH}).state_dict()),
+                            num_rounds={ROUNDS}, evaluate_fn=mark)
+    TRAINED.append(len(result.train_metrics_clientapp))
+'''
 
-run_simulation(server_app=server, client_app=client, num_supernodes={CLIENTS},
+RUN_TEXTBOOK = f'''
+import json, time
+from flwr.simulation import run_simulation
+import textbook_app as app
+
+run_simulation(server_app=app.server, client_app=app.client, num_supernodes={CLIENTS},
                backend_config={{"client_resources": {{"num_cpus": 1.0, "num_gpus": 0.0}}}})
-print(json.dumps([b - a for a, b in zip(ENDS, ENDS[1:])]))
+print(json.dumps({{"gaps": [b - a for a, b in zip(app.ENDS, app.ENDS[1:])], "trained_rounds": app.TRAINED[0]}}))
 '''
 
 
-def run_measured(command: list[str], cwd: Path) -> tuple[float, float, subprocess.CompletedProcess]:
+def run_measured(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, subprocess.CompletedProcess]:
     """(wall seconds, peak RSS of the process tree in MB, the finished process)."""
     started = time.monotonic()
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = [0.0]
 
     def sample() -> None:
@@ -144,30 +157,70 @@ def run_measured(command: list[str], cwd: Path) -> tuple[float, float, subproces
     return wall, peak[0], subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
+def settle(timeout_s: float = 60.0) -> None:
+    """Wait until no Ray process of an earlier run is left, then a little more."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ray = [p for p in psutil.process_iter(["cmdline"]) if any("ray" in part for part in (p.info["cmdline"] or [])[:2])]
+        if not ray:
+            break
+        time.sleep(0.5)
+    time.sleep(2.0)
+
+
+def run_flower(tmp: Path) -> tuple[float, float, list[float]]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp), str(ROOT)])}
+    wall, peak, proc = run_measured([sys.executable, str(tmp / "run_textbook.py")], ROOT, env)
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    if printed["trained_rounds"] != ROUNDS:
+        raise RuntimeError(f"plain Flower aggregated {printed['trained_rounds']} of {ROUNDS} rounds: its clients failed")
+    return wall, peak, printed["gaps"][1:]  # gaps between round ends: rounds 2..10
+
+
+def run_fedsim(tmp: Path, repeat: int) -> tuple[float, float, list[float]]:
+    out = tmp / f"run{repeat}"
+    wall, peak, _ = run_measured([sys.executable, "-m", "fedsim.run.cli", "run", str(tmp / "overhead.toml"),
+                                  "--out", str(out), "--quiet"], ROOT)
+    ends = [json.loads(line)["ended_at"] for line in (out / "rounds.jsonl").read_text().splitlines()]
+    return wall, peak, [b - a for a, b in zip(ends, ends[1:])]  # rounds 2..10, as for Flower
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="JSON file of the results")
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    env_python = sys.executable
+    sys.path.insert(0, str(ROOT))
+    from fedsim.data import load_data
+    from fedsim.scenario import DataSpec
+
+    load_data(DataSpec(train_examples=CLIENTS * EXAMPLES, test_examples=500), 0)  # fills the cache for both
+    runs: dict[str, list[tuple[float, float, list[float]]]] = {"flower": [], "fedsim": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "overhead.toml").write_text(SCENARIO)
-        (tmp / "textbook.py").write_text(TEXTBOOK)
-        flower_wall, flower_peak, flower = run_measured([env_python, str(tmp / "textbook.py")], ROOT)
-        flower_rounds = json.loads(flower.stdout.strip().splitlines()[-1])  # rounds 2..10: gaps between ends
-        fedsim_wall, fedsim_peak, _ = run_measured([env_python, "-m", "fedsim.run.cli", "run", str(tmp / "overhead.toml"),
-                                                    "--out", str(tmp / "run"), "--quiet"], ROOT)
-        ends = [json.loads(line)["ended_at"] for line in (tmp / "run" / "rounds.jsonl").read_text().splitlines()]
-        fedsim_rounds = [b - a for a, b in zip(ends, ends[1:])]  # rounds 2..10, as for Flower
+        (tmp / "textbook_app.py").write_text(TEXTBOOK)
+        (tmp / "run_textbook.py").write_text(RUN_TEXTBOOK)
+        for repeat in range(args.repeats):
+            settle()
+            runs["flower"].append(run_flower(tmp))
+            settle()
+            runs["fedsim"].append(run_fedsim(tmp, repeat))
+    walls = {k: [w for w, _, _ in v] for k, v in runs.items()}
+    peaks = {k: [p for _, p, _ in v] for k, v in runs.items()}
+    gaps = {k: [g for _, _, gs in v for g in gs] for k, v in runs.items()}
+    flower_rounds, fedsim_rounds = gaps["flower"], gaps["fedsim"]
+    flower_wall, fedsim_wall = statistics.median(walls["flower"]), statistics.median(walls["fedsim"])
+    flower_peak, fedsim_peak = max(peaks["flower"]), max(peaks["fedsim"])
     flower_steady, fedsim_steady = statistics.median(flower_rounds), statistics.median(fedsim_rounds)
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "federation": {"clients": CLIENTS, "per_round": PER_ROUND, "rounds": ROUNDS, "examples": EXAMPLES,
                        "batch": BATCH, "epochs": EPOCHS, "model": f"ConvNet width {WIDTH}"},
         "flower": {"steady_s_per_round": flower_steady, "rounds_s": flower_rounds, "wall_s": flower_wall,
-                   "peak_rss_mb": flower_peak},
+                   "walls_s": walls["flower"], "peak_rss_mb": flower_peak},
         "fedsim": {"steady_s_per_round": fedsim_steady, "rounds_s": fedsim_rounds, "wall_s": fedsim_wall,
-                   "peak_rss_mb": fedsim_peak},
+                   "walls_s": walls["fedsim"], "peak_rss_mb": fedsim_peak},
         "ratios": {"steady": fedsim_steady / flower_steady, "wall": fedsim_wall / flower_wall,
                    "peak_rss": fedsim_peak / flower_peak},
     }

@@ -46,15 +46,19 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-
 from defenses.dp_central import DpCentralParams
 from defenses.dp_local import DpLocalParams
 from defenses.dp_sgd import DpSgdParams
 from fedsim.scenario import FederationSpec, TrainingSpec
 
-ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+@lru_cache(maxsize=1)
+def rdp_orders() -> tuple[float, ...]:
+    """Opacus' RDP orders (``RDPAccountant.DEFAULT_ALPHAS``). Opacus is imported here, on first
+    use, not with this module: it takes a second to import and most runs account nothing."""
+    from opacus.accountants import RDPAccountant
+
+    return tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,11 @@ class Mechanism:
 @lru_cache(maxsize=256)
 def _rdp(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
     if steps == 0 or sample_rate == 0.0:
-        return np.zeros(len(ORDERS))
+        return np.zeros(len(rdp_orders()))
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps,
-                                               orders=list(ORDERS)), dtype=float)
+                                               orders=list(rdp_orders())), dtype=float)
 
 
 def _epsilon(rdp: np.ndarray, delta: float) -> float:
@@ -91,9 +97,11 @@ def _epsilon(rdp: np.ndarray, delta: float) -> float:
         return 0.0
     if not np.all(np.isfinite(rdp)):
         return math.inf
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     with warnings.catch_warnings():  # "optimal order is the smallest alpha": tiny σ, see the docstring
         warnings.simplefilter("ignore", UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=delta)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(rdp_orders()), rdp=rdp, delta=delta)
     return float(eps)
 
 
@@ -120,7 +128,7 @@ class PrivacyLedger:
 
     def __init__(self) -> None:
         self._client_rdp: dict[int, np.ndarray] = {}
-        self._federation_rdp = np.zeros(len(ORDERS))
+        self._federation_rdp = np.zeros(len(rdp_orders()))
         self._delta: float | None = None
 
     def record(self, client_id: int | None, mechanism: Mechanism) -> None:
@@ -134,7 +142,7 @@ class PrivacyLedger:
             return
         if client_id is None:
             raise ValueError("a client-scope mechanism needs a client id")
-        self._client_rdp[client_id] = self._client_rdp.get(client_id, np.zeros(len(ORDERS))) + mechanism.rdp()
+        self._client_rdp[client_id] = self._client_rdp.get(client_id, np.zeros(len(rdp_orders()))) + mechanism.rdp()
 
     def clients(self) -> list[int]:
         return sorted(self._client_rdp)
@@ -143,7 +151,7 @@ class PrivacyLedger:
         """ε of everything charged to ``client_id`` so far, at the recorded δ (0 if nothing)."""
         if self._delta is None:
             return 0.0
-        rdp = self._client_rdp.get(client_id, np.zeros(len(ORDERS))) + self._federation_rdp
+        rdp = self._client_rdp.get(client_id, np.zeros(len(rdp_orders()))) + self._federation_rdp
         return _epsilon(rdp, self._delta)
 
     def worst_epsilon(self) -> float:
@@ -164,7 +172,7 @@ class PrivacyLedger:
         clients = sorted(self._client_rdp)
         return {"clients": torch.tensor(clients, dtype=torch.int64),
                 "client_rdp": torch.tensor(np.array([self._client_rdp[c] for c in clients]).reshape(len(clients),
-                                                                                                 len(ORDERS))),
+                                                                                                 len(rdp_orders()))),
                 "federation_rdp": torch.tensor(self._federation_rdp),
                 "delta": -1.0 if self._delta is None else self._delta}
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedsim.cache import cached
 from fedsim.domain import DataDomain
 from fedsim.scenario import DataSpec, Scenario
 
@@ -60,6 +62,10 @@ STANDARD_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 LFW_MAX_TEST = 50
+#: data sets made from packaged photos: a pure function of (spec, seed, package versions), cached
+GENERATED = ("embedded_photos", "lfw_faces")
+#: bump when the generation changes, so that old cache entries are not used
+GENERATED_FORMAT = 1
 _STREAM_TRAIN, _STREAM_TEST, _STREAM_PARTITION = 0, 1, 2
 
 
@@ -81,8 +87,17 @@ def load_data(spec: DataSpec, seed: int) -> DatasetSplits:
 
     Returns at most ``spec.train_examples`` training and ``spec.test_examples`` test
     examples at ``spec.image_size`` x ``spec.image_size``. Raises :class:`DataError`
-    when a data set on disk is missing or unreadable.
+    when a data set on disk is missing or unreadable. The generated sets (embedded photos, LFW
+    faces) are kept in the disk cache (:mod:`fedsim.cache`), keyed by everything they depend on.
     """
+    if spec.dataset in GENERATED:
+        key = repr((GENERATED_FORMAT, spec.dataset, spec.image_size, spec.train_examples, spec.test_examples, seed,
+                    *(_version(p) for p in ("torch", "torchvision", "numpy", "scikit-image", "scikit-learn"))))
+        return _from_entry(cached(key, lambda: _to_entry(_build(spec, seed))))
+    return _build(spec, seed)
+
+
+def _build(spec: DataSpec, seed: int) -> DatasetSplits:
     loaders = {
         "embedded_photos": _load_embedded_photos,
         "lfw_faces": _load_lfw_faces,
@@ -104,6 +119,26 @@ def load_data(spec: DataSpec, seed: int) -> DatasetSplits:
                         mean=mean, std=std, class_names=tuple(class_names))
     return DatasetSplits(domain.normalise(train_u).contiguous(), train_y,
                          domain.normalise(test_u).contiguous(), test_y, domain)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def _to_entry(splits: DatasetSplits) -> dict:
+    d = splits.domain
+    return {"train_x": splits.train_x, "train_y": splits.train_y, "test_x": splits.test_x, "test_y": splits.test_y,
+            "shape": list(d.shape), "num_classes": d.num_classes, "mean": list(d.mean), "std": list(d.std),
+            "class_names": list(d.class_names)}
+
+
+def _from_entry(entry: dict) -> DatasetSplits:
+    domain = DataDomain(tuple(entry["shape"]), entry["num_classes"], tuple(entry["mean"]), tuple(entry["std"]),
+                        tuple(entry["class_names"]))
+    return DatasetSplits(entry["train_x"], entry["train_y"], entry["test_x"], entry["test_y"], domain)
 
 
 def partition_indices(labels: torch.Tensor, num_clients: int, examples_per_client: int,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from defenses.accounting import PrivacyLedger, privacy_mechanism
 from defenses.registry import resolve_defense_params
-from fedsim.records import ClientUpload
 from fedsim.scenario import Scenario, TrainingSpec
 
 
@@ -17,19 +16,27 @@ class RunPrivacy:
     def __init__(self, scenario: Scenario):
         self.scenario = scenario
         self.params = resolve_defense_params(scenario.defense, scenario.source)
-        self.ledger = PrivacyLedger()
         probe = privacy_mechanism(self.params, scenario.training, 1, 1, scenario.federation)
-        self.accounted = probe is not None  # the defense has a DP guarantee to account
+        # the defense has a DP guarantee to account (no ledger, and no Opacus import, otherwise)
+        self.ledger = PrivacyLedger() if probe is not None else None
 
-    def charge(self, training: TrainingSpec, uploads: dict[int, ClientUpload]) -> tuple[float, float] | None:
-        """Record one round (``uploads``: client id -> what it sent); returns (ε of this round's
+    def state_dict(self) -> dict:
+        """The ledger's state for a checkpoint (empty without a DP defense)."""
+        return self.ledger.state_dict() if self.ledger is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ledger is not None:
+            self.ledger.load_state_dict(state)
+
+    def charge(self, training: TrainingSpec, reported: dict[int, tuple[int, int]]) -> tuple[float, float] | None:
+        """Record one round (``reported``: client id -> the (examples, local steps) it reported for
+        its successful update); returns (ε of this round's
         mechanisms alone, 0 when no client succeeded; cumulative worst ε over the clients), or
         None without a DP defense."""
-        if not self.accounted:
+        if self.ledger is None:
             return None
-        mechanisms = {client: privacy_mechanism(self.params, training, upload.num_examples, upload.num_steps,
-                                                 self.scenario.federation)
-                      for client, upload in uploads.items()}
+        mechanisms = {client: privacy_mechanism(self.params, training, examples, steps, self.scenario.federation)
+                      for client, (examples, steps) in reported.items()}
         if not mechanisms:
             return 0.0, self.ledger.worst_epsilon()
         federation = [m for m in mechanisms.values() if m.scope == "federation"]

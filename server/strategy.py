@@ -29,8 +29,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from adversary.observation import GroundTruth, Observation, observe
 from fedsim.domain import DataDomain
-from defenses.registry import build_defense
-from fedsim.records import GROUND_TRUTH_CLIENTS, all_finite, from_record, save_upload, take_upload, to_record
+from defenses.registry import DEFENSES, build_defense
+from fedsim.records import (GROUND_TRUTH_CLIENTS, GROUND_TRUTH_KEY, all_finite, from_record, save_upload, take_upload,
+                            to_record)
 from fedsim.scenario import Scenario, TrainingSpec
 from fedsim.seeding import derive_seed, generator
 from server.privacy import RunPrivacy
@@ -82,6 +83,7 @@ class RoundTrace:
     epsilon_round: float | None = None  # ε of this round's DP mechanisms alone (None: no DP defense)
     epsilon: float | None = None  # cumulative worst-case ε over the clients after this round
     started: float = field(default_factory=time.monotonic)
+    ended: tuple[float, float] | None = None  # (seconds since started, Unix time) when the server had the new model
 
 
 class CuriousFedAvg(FedAvg):
@@ -99,6 +101,8 @@ class CuriousFedAvg(FedAvg):
         self.first_round = first_round
         self.pending_dir = pending_dir
         self.privacy = RunPrivacy(scenario)
+        # θ_t and each received Δ are needed only to attack an update or for a server-side defense
+        self.keeps_updates = sink is not None or DEFENSES[scenario.defense.name].defense_type.acts_on_server
 
     def round_of(self, flower_round: int) -> int:
         """The run's round number of Flower's ``flower_round`` (they differ in a resumed run)."""
@@ -137,7 +141,8 @@ class CuriousFedAvg(FedAvg):
             self.identify_clients(grid)
         server_round = self.round_of(flower_round)
         clients = self.sample_clients(server_round)
-        trace = RoundTrace(self.scenario.round_training(server_round), from_record(arrays), clients)
+        trace = RoundTrace(self.scenario.round_training(server_round),
+                           from_record(arrays) if self.keeps_updates else None, clients)
         self.traces[server_round] = trace
         scored = [c for c in clients if self.sink is not None and self.sink.wants(server_round, c)]
         config = ConfigRecord({"scenario": self.scenario_text, "lr": trace.training.lr, "server-round": server_round,
@@ -163,10 +168,14 @@ class CuriousFedAvg(FedAvg):
             else:
                 ok.append((client, msg))
         ok.sort(key=lambda pair: pair[0])
-        uploads = {}
+        reported = {client: (int(msg.content["metrics"]["num-examples"]), int(msg.content["metrics"]["steps"]))
+                    for client, msg in ok}
         theta = trace.global_state
         for client, msg in ok:  # the tap: every update, before FedAvg sees the message
-            upload = uploads[client] = take_upload(msg.content, theta)  # strips the evaluation-only record
+            if not self.keeps_updates:
+                msg.content.pop(GROUND_TRUTH_KEY, None)  # nothing is attacked: FedAvg sees arrays and metrics
+                continue
+            upload = take_upload(msg.content, theta)  # strips the evaluation-only record
             # a diverged update (non-finite) is not attacked: the run stops on it (server.app)
             if self.sink is not None and self.sink.wants(server_round, client) and all_finite(upload.update):
                 if self.pending_dir is not None:
@@ -183,7 +192,7 @@ class CuriousFedAvg(FedAvg):
                 {k: average[k] - theta[k] for k in theta}, len(trace.clients)))
         if metrics is not None:
             trace.train_loss = float(metrics["train-loss"])
-        trace.epsilon_round, trace.epsilon = self.privacy.charge(trace.training, uploads) or (None, None)
+        trace.epsilon_round, trace.epsilon = self.privacy.charge(trace.training, reported) or (None, None)
         trace.global_state = None
         return arrays, metrics
 

@@ -257,3 +257,23 @@ def test_partition_errors() -> None:
         partition_indices(labels, 10, 11, "iid", 0.5, seed=0)
     with pytest.raises(ValueError, match="unknown partition scheme"):
         partition_indices(labels, 2, 10, "shards", 0.5, seed=0)
+
+
+def test_generated_sets_come_back_from_the_disk_cache(tmp_path, monkeypatch) -> None:
+    spec = DataSpec(train_examples=30, test_examples=10, image_size=8)
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
+    first = load_data(spec, seed=4)
+    entries = list((tmp_path / "cache").glob("*.pt"))
+    assert len(entries) == 1
+    again = load_data(spec, seed=4)  # read back: the same tensors and domain
+    assert torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
+    assert again.domain == first.domain
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # one entry per (spec, seed)
+    load_data(replace(spec, image_size=16), seed=4)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    entries[0].write_bytes(b"truncated")  # a damaged entry is built again, never used
+    rebuilt = load_data(spec, seed=4)
+    assert torch.equal(rebuilt.train_x, first.train_x)
+    monkeypatch.setenv("FEDSIM_CACHE", "off")
+    off = load_data(replace(spec, train_examples=20), seed=4)
+    assert off.train_x.shape[0] == 20 and len(list((tmp_path / "cache").glob("*.pt"))) == 2

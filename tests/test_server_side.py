@@ -87,7 +87,7 @@ def test_the_round_reports_epsilon_of_the_ledger():
                                   scenario.federation)
     assert trace.epsilon_round == pytest.approx(mechanism.epsilon()) and trace.epsilon == trace.epsilon_round
     privacy = RunPrivacy(scenario)
-    first = privacy.charge(scenario.training, {0: uploads[0]})
-    second = privacy.charge(scenario.training, {0: uploads[0], 1: uploads[1]})
+    first = privacy.charge(scenario.training, {0: (8, 1)})
+    second = privacy.charge(scenario.training, {0: (8, 1), 1: (8, 1)})
     assert first[1] < second[1] and second[0] == pytest.approx(first[0])  # composition over rounds
-    assert RunPrivacy(parse_scenario({"defense": {"name": "topk"}})).charge(scenario.training, {0: uploads[0]}) is None
+    assert RunPrivacy(parse_scenario({"defense": {"name": "topk"}})).charge(scenario.training, {0: (8, 1)}) is None

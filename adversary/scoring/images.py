@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 
 def _grid(images: torch.Tensor, nrow: int, padding: int) -> torch.Tensor:
     """(N, C, H, W) in [0, 1] -> (3, H', W') grid with white padding (grayscale -> RGB)."""
+    from torchvision.utils import make_grid  # here, not at import: torchvision takes seconds to import
+
     return make_grid(images.detach().float().cpu().clamp(0.0, 1.0), nrow=nrow, padding=padding, pad_value=1.0)
 
 
