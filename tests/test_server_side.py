@@ -91,3 +91,24 @@ def test_the_round_reports_epsilon_of_the_ledger():
     second = privacy.charge(scenario.training, {0: (8, 1), 1: (8, 1)})
     assert first[1] < second[1] and second[0] == pytest.approx(first[0])  # composition over rounds
     assert RunPrivacy(parse_scenario({"defense": {"name": "topk"}})).charge(scenario.training, {0: (8, 1)}) is None
+
+
+def test_a_federation_short_of_nodes_stops_in_seconds_with_the_fix(monkeypatch):
+    import time
+
+    import server.strategy as strategy_module
+    from server.stops import TooFewNodes
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [11, 12]
+
+    monkeypatch.setattr(strategy_module, "NODE_SETTLE_S", 0.5)
+    scenario = parse_scenario({"federation": {"num_clients": 10}})
+    strategy = CuriousFedAvg(scenario, "", DOMAIN, None)
+    started = time.monotonic()
+    with pytest.raises(TooFewNodes) as info:
+        strategy.identify_clients(TwoNodes())
+    assert time.monotonic() - started < 5 and info.value.exit_status == 2
+    assert "federation.num_clients = 10, but the federation has 2 SuperNodes" in str(info.value)
+    assert "flwr federation simulation-config --num-supernodes 10" in str(info.value)
