@@ -31,6 +31,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/spear.py --sizes --fedavg --lrs 0.01 0.1 --clients 8 --geiping-iterations 1000
 	$(PY) benchmarks/spear.py --sizes --fedavg --batch-size 4 --lrs 0.01 0.1 --clients 4 --geiping-iterations 1000
 	$(PY) benchmarks/spear.py --sizes --features --clients 4
+	rm -rf runs/bench-defenses
+	$(PY) benchmarks/defenses.py --runs runs/bench-defenses --out benchmarks/results/defenses_cpu.json
+	$(PY) benchmarks/flower_overhead.py --repeats 3 --out benchmarks/results/flower_overhead_cpu.json
 
 clean:
 	rm -rf runs .pytest_cache
