@@ -17,7 +17,7 @@ import pytest
 import tomli_w
 from PIL import Image
 
-from fedsim.run import report as report_module
+from fedsim.run.report import plots as report_plots
 from fedsim.run.cli import main
 from fedsim.run.report import DPI, LEAKAGE_SIZE, PLOT_SIZE, SCATTER_SIZE, build_report
 from fedsim.run.tables import rounds_table
@@ -197,13 +197,13 @@ def test_several_runs_get_one_scatter_point_each_and_a_comparison_table(tmp_path
 
 def test_the_scatter_figure_holds_one_labelled_point_per_run(tmp_path, monkeypatch):
     drawn = {}
-    original = report_module._save
+    original = report_plots._save
 
     def keep(fig, path):  # noqa: ANN001
         drawn[path.name] = fig
         return original(fig, path)
 
-    monkeypatch.setattr(report_module, "_save", keep)
+    monkeypatch.setattr(report_plots, "_save", keep)
     build_report(_sweep(tmp_path), tmp_path / "out" / "sweep.html")
     ax = drawn["privacy_utility.png"].axes[0]
     offsets = [tuple(c.get_offsets()[0]) for c in ax.collections]
