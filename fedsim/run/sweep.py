@@ -9,9 +9,10 @@ seed and the N − 1 after it, the same for every defense). Every setting is bui
 before the first run starts; a setting that stops early (diverged, failed round) is reported
 with its status and the sweep goes on.
 
-Per run the table reports the final test accuracy, the mean and best leakage PSNR over its
-attack jobs, the mean share of images recovered, and the final cumulative ε where the defense
-is accounted. Written as ``sweep.json`` and ``sweep.csv`` in the output folder.
+Per run the table reports what ``fedsim report`` compares runs by: the final test accuracy, the
+mean and best leakage PSNR over its scored attack jobs, the share of all attacked images
+recovered, and the final cumulative ε where the defense is accounted. Written as
+``sweep.json`` and ``sweep.csv`` in the output folder.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from tqdm import tqdm
 from defenses.registry import DEFENSES
 from fedsim.config import ScenarioError
 from fedsim.run.preparation import validate_table
-from fedsim.rundir import LEAKAGE, ROUNDS, SUMMARY, RunDirectory
+from fedsim.run.report import load_run
+from fedsim.rundir import RunDirectory
 from fedsim.scenario import Scenario, load_scenario, scenario_to_table
 
 
@@ -103,23 +105,17 @@ def plan_settings(base: Scenario, defenses: list[str], params: list[tuple[str, l
 
 
 def summarise(run_dir: Path) -> dict[str, Any]:
-    """The sweep row of one run directory."""
-    directory = RunDirectory(run_dir)
-    rounds = directory.read(ROUNDS)
-    leakage = [r for r in directory.read(LEAKAGE) if r.get("psnr_mean") is not None]
-    summary_file = run_dir / SUMMARY
-    status = json.loads(summary_file.read_text())["status"] if summary_file.exists() else "missing"
-    final = rounds[-1] if rounds else {}
-    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    """The sweep row of one run directory: the numbers ``fedsim report`` compares runs by."""
+    run = load_run(run_dir)
     return {
-        "final_test_accuracy": final.get("test_accuracy"),
-        "rounds": len(rounds),
-        "psnr_mean": mean([r["psnr_mean"] for r in leakage]),
-        "psnr_best": max((r["psnr_best"] for r in leakage), default=None),
-        "recovered_share": mean([r["recovered_share"] for r in leakage if r.get("recovered_share") is not None]),
-        "attack_jobs": len(leakage),
-        "epsilon": final.get("epsilon"),
-        "status": status,
+        "final_test_accuracy": run.final_accuracy,
+        "rounds": len(run.rounds),
+        "psnr_mean": run.psnr_mean,
+        "psnr_best": run.psnr_best,
+        "recovered_share": run.recovered_share,
+        "attack_jobs": len(run.scored),
+        "epsilon": run.final_epsilon,
+        "status": (run.summary or {}).get("status", "missing"),
     }
 
 
