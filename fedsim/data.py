@@ -66,7 +66,9 @@ LFW_MAX_TEST = 50
 GENERATED = ("embedded_photos", "lfw_faces")
 #: bump when the generation changes, so that old cache entries are not used
 GENERATED_FORMAT = 1
-_STREAM_TRAIN, _STREAM_TEST, _STREAM_PARTITION = 0, 1, 2
+_STREAM_TRAIN, _STREAM_TEST, _STREAM_PARTITION, _STREAM_AUXILIARY = 0, 1, 2, 3
+#: data sets with an auxiliary split (:func:`load_auxiliary`)
+AUXILIARY = ("embedded_photos",)
 
 
 class DataError(RuntimeError):
@@ -396,6 +398,20 @@ def _read_image(ds, path: str):  # noqa: ANN001, ANN202 - a torchvision ImageFol
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"data set 'imagefolder': cannot read image '{path}' ({type(exc).__name__}: {exc}); "
                         "replace or remove that file") from None
+
+
+def load_auxiliary(spec: DataSpec, seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attacker's auxiliary data: ``count`` images (N, C, H, W) in [0, 1] and labels (N,),
+    drawn from their own RNG stream, so that they are disjoint from the training pool (every
+    client's data) and the test split while following the same distribution.
+
+    Only for ``embedded_photos`` (new random crops of the same photos); other data sets raise
+    :class:`DataError`.
+    """
+    if spec.dataset not in AUXILIARY:
+        raise DataError(f"data set '{spec.dataset}' has no auxiliary split for the attacker; "
+                        f"available for: {', '.join(AUXILIARY)}")
+    return _photo_split(count, spec.image_size, _rng(seed, _STREAM_AUXILIARY))
 
 
 def scenario_partitions(scenario: Scenario, splits: DatasetSplits) -> list[torch.Tensor]:

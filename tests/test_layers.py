@@ -18,13 +18,15 @@ ALLOWED = {
     "adversary.observation": {"ground"},
     "adversary.scoring": {"ground", "adversary.scoring"},
     "adversary.maths": {"ground", "defenses", "adversary.observation", "adversary.maths"},
-    "adversary.attacks": {"ground", "defenses", "adversary.observation", "adversary.maths", "adversary.attacks"},
-    "adversary.runtime": {"ground", "defenses", "adversary.observation", "adversary.maths", "adversary.attacks",
-                          "adversary.scoring", "adversary.runtime"},
-    "server": {"ground", "defenses", "adversary.observation", "adversary.maths", "adversary.attacks",
-               "adversary.scoring", "adversary.runtime", "server"},
-    "wiring": {"ground", "defenses", "clients", "adversary.observation", "adversary.maths", "adversary.attacks",
-               "adversary.scoring", "adversary.runtime", "server", "wiring"},
+    "adversary.priors": {"ground", "defenses", "adversary.observation", "adversary.maths", "adversary.priors"},
+    "adversary.attacks": {"ground", "defenses", "adversary.observation", "adversary.maths", "adversary.priors",
+                          "adversary.attacks"},
+    "adversary.runtime": {"ground", "defenses", "adversary.observation", "adversary.maths", "adversary.priors",
+                          "adversary.attacks", "adversary.scoring", "adversary.runtime"},
+    "server": {"ground", "defenses", "adversary.observation", "adversary.maths", "adversary.priors",
+               "adversary.attacks", "adversary.scoring", "adversary.runtime", "server"},
+    "wiring": {"ground", "defenses", "clients", "adversary.observation", "adversary.maths", "adversary.priors",
+               "adversary.attacks", "adversary.scoring", "adversary.runtime", "server", "wiring"},
 }
 
 

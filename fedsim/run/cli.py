@@ -5,6 +5,7 @@
 ``fedsim sweep SCENARIO --out DIR``     one run per defense / parameter value / seed, one table
 ``fedsim validate SCENARIO``            check a scenario file and exit
 ``fedsim report RUN_DIR... [--out F]``  plots and one self-contained HTML page from run directories
+``fedsim train-prior SCENARIO --out F``  train the attacker's generative prior (GIAS) on auxiliary data
 
 Exit status: 0 done; 1 incomplete (an attack of ``fedsim attack`` did not finish ok); 2 bad
 input (one line naming the file and the key, or the path); 3 the global model diverged; 4 every
@@ -125,6 +126,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_prior(args: argparse.Namespace) -> int:
+    from adversary.priors.training import PriorTraining
+    from fedsim.run.prior import train_prior_for
+
+    if args.out.is_dir() or args.out.suffix == ".png":
+        raise UserError(f"--out '{args.out}': give a checkpoint file name such as prior.pt")
+    chosen = {k: v for k, v in (("steps", args.steps), ("latent_dim", args.latent_dim), ("width", args.width))
+              if v is not None}
+    for name, value in {**chosen, "examples": args.examples}.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')}: got {value}, must be >= 1")
+    settings = PriorTraining(**chosen)
+    outcome = train_prior_for(args.scenario, args.out, settings, args.examples, show_progress=not args.quiet)
+    print(f"Prior: {outcome.checkpoint} ({outcome.header.architecture}, images {list(outcome.header.image_shape)}, "
+          f"{args.examples} auxiliary images; last 100 steps: d_loss {outcome.d_loss:.3f}, "
+          f"g_loss {outcome.g_loss:.3f})")
+    print(f"Samples: {outcome.samples} (auxiliary images above, generated samples below)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --verbose / --quiet are accepted before or after the subcommand (SUPPRESS: an absent flag
     # does not overwrite one given on the other side)
@@ -166,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the HTML page (default RUN_DIR/report.html for one run, ./report.html for several); "
                           "the PNGs go to FILE_files/ beside it")
     rep.set_defaults(func=cmd_report)
+    prior = sub.add_parser("train-prior", help="train a generative prior (GIAS) on the attacker's auxiliary data",
+                           parents=[flags])
+    prior.add_argument("scenario", type=Path)
+    prior.add_argument("--out", type=Path, required=True, help="checkpoint file (a PNG of samples goes beside it)")
+    prior.add_argument("--steps", type=int, default=None, help="GAN training steps (default 3000)")
+    prior.add_argument("--examples", type=int, default=2000, help="auxiliary images to train on")
+    prior.add_argument("--latent-dim", type=int, default=None, help="latent size (default 64)")
+    prior.add_argument("--width", type=int, default=None, help="base channel width of both nets (default 32)")
+    prior.set_defaults(func=cmd_train_prior)
     return parser
 
 
@@ -194,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args.verbose = getattr(args, "verbose", False)
     args.quiet = getattr(args, "quiet", False)
     warnings.formatwarning = _one_line_warning
+    from adversary.priors.checkpoint import PriorError
     from fedsim.data import DataError
     from fedsim.run.ray_cluster import RayClusterError
     from fedsim.run.report import ReportError
@@ -203,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ScenarioError, UserError, DataError, RunDirectoryError, RayClusterError,
-            ReportError) as exc:
+            ReportError, PriorError) as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
