@@ -85,6 +85,28 @@ def test_damaged_checkpoints_are_refused_in_one_line(tmp_path):
         load_prior(path, (3, 32, 32))
 
 
+def _scenario(tmp_path: Path, generator: Path) -> Path:
+    text = (ROOT / "scenarios" / "geiping_fedsgd_b1.toml").read_text()
+    text = text.replace('attacks = ["geiping"]', 'attacks = ["gias"]')
+    path = tmp_path / "s.toml"
+    path.write_text(f'{text}\n[attack.gias]\ngenerator = "{generator}"\n')
+    return path
+
+
+def test_the_cli_refuses_a_tampered_or_wrong_shape_prior_with_exit_2(tmp_path, capsys):
+    save_prior(tmp_path / "small.pt", _trained(1), CONFIG, {})  # 8x8 images, the scenario's are 32x32
+    blob = torch.load(tmp_path / "small.pt", weights_only=True)
+    blob["state"]["net.3.weight"].mul_(2)
+    torch.save(blob, tmp_path / "tampered.pt")
+    for command, prior, words in (("validate", "tampered.pt", "tampered"), ("attack", "small.pt", "shape")):
+        args = [command, str(_scenario(tmp_path, tmp_path / prior))]
+        out = tmp_path / f"run_{command}"
+        code = main(args + (["--out", str(out)] if command == "attack" else []))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "attack.gias.generator" in err and words in err, err
+        assert not out.exists()
+
+
 def test_train_prior_writes_a_loadable_checkpoint_and_a_sample_grid(tmp_path, capsys):
     out = tmp_path / "prior.pt"
     code = main(["--quiet", "train-prior", str(ROOT / "scenarios" / "geiping_fedsgd_b1.toml"), "--out", str(out),

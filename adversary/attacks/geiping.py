@@ -36,8 +36,8 @@ import torch
 
 from adversary.maths.defense_model import BAYES_LOSS
 from adversary.maths.matching import (BN_WEIGHT, TV_WEIGHT, Descent, Matcher, attack_labels, descend_inputs,
-                                      initial_inputs, resolve_mode)
-from adversary.maths.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES, total_variation
+                                      image_objective, initial_inputs, resolve_mode)
+from adversary.maths.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES
 from adversary.observation import Observation, Reconstruction
 from adversary.attacks.base import Attack, AttackContext
 
@@ -87,9 +87,7 @@ def run(obs: Observation, params: GeipingParams, ctx: AttackContext) -> Reconstr
     total = params.iterations * params.restarts
     done = 0
 
-    def objective(x: torch.Tensor) -> torch.Tensor:
-        match = matcher(x, labels)
-        return match + params.tv_weight * total_variation(x) if params.tv_weight else match
+    objective = image_objective(matcher, labels, params.tv_weight)
 
     def on_step(value: float) -> None:
         nonlocal done

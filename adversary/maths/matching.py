@@ -17,7 +17,7 @@ import torch
 
 from adversary.maths.defense_model import BAYES_LOSS, UpdateLikelihood, defense_model
 from adversary.maths.labels import recover_labels
-from adversary.maths.objectives import l2_distance, layer_weights, matching_loss
+from adversary.maths.objectives import l2_distance, layer_weights, matching_loss, total_variation
 from adversary.observation import Observation, global_model
 from adversary.maths.unroll import batchnorm_buffer_names, parameter_names, unroll_local_training
 from fedsim.schedule import local_batches
@@ -93,6 +93,17 @@ class Matcher:
             value = value + self.bn_weight * l2_distance([pred[k] for k in self.buffer_names], self.buffer_targets,
                                                          relative=True) / len(self.buffer_names)
         return value
+
+
+def image_objective(matcher: Matcher, labels: torch.Tensor, tv_weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The objective of an image search: ``x`` (n, C, H, W) normalised -> matching loss of
+    ``matcher`` with ``labels`` + ``tv_weight`` × total variation of ``x`` (a scalar tensor)."""
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        match = matcher(x, labels)
+        return match + tv_weight * total_variation(x) if tv_weight else match
+
+    return objective
 
 
 def num_examples(obs: Observation) -> int:

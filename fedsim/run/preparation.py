@@ -51,6 +51,16 @@ def check_partition(scenario: Scenario, splits: DatasetSplits) -> None:
         raise ScenarioError(scenario.source, "data.examples_per_client", str(exc)) from None
 
 
+def check_attack_data(scenario: Scenario, splits: DatasetSplits) -> None:
+    """Attack parameters that depend on the data (e.g. a prior's image shape), checked before the
+    run: a params dataclass may define ``check_data(image_shape) -> (key, message) | None``."""
+    params = resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
+    for name, p in params.items():
+        problem = p.check_data(splits.domain.shape) if hasattr(p, "check_data") else None
+        if problem:
+            raise ScenarioError(scenario.source, f"attack.{name}.{problem[0]}", problem[1])
+
+
 def pick_device(scenario: Scenario) -> torch.device:
     if scenario.device == "cuda" and not torch.cuda.is_available():
         raise ScenarioError(scenario.source, "device", "got 'cuda', but CUDA is not available on this machine; "
@@ -120,6 +130,7 @@ def _setup(scenario: Scenario, show_progress: bool, before_create: Callable[[Sce
     device = pick_device(scenario)
     splits = load_data(scenario.data, scenario.seed)  # fails here, before any round, if data is missing
     check_partition(scenario, splits)
+    check_attack_data(scenario, splits)
     if before_create is not None:
         before_create(scenario)
     text = tomli_w.dumps(scenario_to_table(scenario))
