@@ -15,7 +15,7 @@ from fedsim.scenario import parse_scenario
 
 def test_every_registered_attack_is_a_function_of_the_observation_only():
     names = available_attacks()
-    assert {"geiping", "dlg", "spear", "gias"} <= set(names)
+    assert {"geiping", "dlg", "spear", "gias", "giml"} <= set(names)
     for name in names:
         hints = typing.get_type_hints(ATTACKS[name].run)
         assert GroundTruth not in hints.values(), name

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from adversary.attacks import dlg, geiping, gias, spear
+from adversary.attacks import dlg, geiping, gias, giml, spear
 from adversary.attacks.base import Attack
 from fedsim.config import ScenarioError, build_dataclass
 
-ATTACKS: dict[str, Attack] = {attack.name: attack for attack in (geiping.ATTACK, dlg.ATTACK, spear.ATTACK, gias.ATTACK)}
+ATTACKS: dict[str, Attack] = {attack.name: attack for attack in (geiping.ATTACK, dlg.ATTACK, spear.ATTACK, gias.ATTACK,
+                                                                giml.ATTACK)}
 
 
 def available_attacks() -> tuple[str, ...]:

@@ -115,11 +115,12 @@ class InversionPool:
     def wants(self, server_round: int, client_id: int) -> bool:
         return plan_selects(self.plan, server_round, client_id)
 
-    def submit(self, observation: Observation, truth: GroundTruth) -> None:
+    def submit(self, observation: Observation, truth: GroundTruth, params: dict[str, Any] | None = None) -> None:
         """Queue the plan's jobs for this update. The pool keeps the observation only in those
-        jobs: it is released once they are done."""
+        jobs: it is released once they are done. ``params``: attack name -> the parameters of
+        this update's job instead of the scenario's (GIML's learned generator)."""
         with self.lock:
-            planned = plan_jobs(self.scenario, self.params, observation, truth, self.next_id)
+            planned = plan_jobs(self.scenario, {**self.params, **(params or {})}, observation, truth, self.next_id)
             self.next_id += len(planned)
             key = (observation.server_round, observation.client_id)
             jobs = [job for job in planned if (*key, job.attack) not in self.claimed]

@@ -12,6 +12,7 @@ import tomli_w
 import torch
 
 from adversary.maths.defense_model import check_bayes_loss
+from adversary.runtime.giml import GimlSink
 from adversary.runtime.registry import resolve_attack_params
 from adversary.runtime.workers import InversionPool
 from adversary.scoring.metrics import lpips_checkpoint
@@ -82,8 +83,12 @@ def make_sink(setup: ServerSetup) -> AttackSink | None:
     if not scenario.attack.attacks:
         return None
     lpips_checkpoint()
-    return InversionPool(scenario, setup.run_dir, inversion_worker_options(scenario.attack),
+    pool = InversionPool(scenario, setup.run_dir, inversion_worker_options(scenario.attack),
                          show_progress=setup.show_progress, done=attacked(setup.run_dir))
+    if "giml" not in scenario.attack.attacks:
+        return pool
+    params = resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)["giml"]
+    return GimlSink(pool, params, setup.splits.domain, setup.run_dir, setup.device, scenario.seed)
 
 
 def prepare_run(scenario_path: str | Path, out: str | Path | None = None, show_progress: bool = True,

@@ -1,0 +1,96 @@
+"""GIML: the Reptile step of the meta-learner, and the run's sink that learns from every tapped
+update and hands the ``giml`` jobs the generator saved after the previous round."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from adversary.attacks.giml import GimlParams
+from adversary.priors.checkpoint import load_prior
+from adversary.priors.giml import GimlSettings, MetaLearner
+from adversary.priors.search import FlatWeights
+from adversary.priors.training import untrained_generator
+from adversary.runtime.giml import TASKS, GimlSink
+from fedsim.data import load_data
+from fedsim.rundir import RunDirectory
+from fedsim.scenario import DataSpec, ModelSpec, TrainingSpec
+from fedsim.seeding import derive_seed
+from helpers import client_update
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SMALL = {"latent_dim": 8, "width": 4}
+
+
+@pytest.fixture(scope="module")
+def updates():
+    """Three FedSGD updates of 2 photos each (16x16, ConvNet width 4), rounds 1, 1, 2."""
+    photos = load_data(DataSpec(train_examples=40, test_examples=10, image_size=16), seed=0)
+    out = []
+    for k, server_round in enumerate((1, 1, 2)):
+        obs = client_update(ModelSpec(name="convnet", width=4), photos.domain, photos.train_x[2 * k:2 * k + 2],
+                            photos.train_y[2 * k:2 * k + 2], TrainingSpec(batch_size=2, lr=0.1), seed=k)
+        out.append(replace(obs, server_round=server_round, client_id=k))
+    return photos.domain, out
+
+
+def _learner(domain, meta_lr: float) -> MetaLearner:
+    settings = GimlSettings(latent_iterations=5, inner_steps=5, inner_lr=1e-2, meta_lr=meta_lr)
+    return MetaLearner(untrained_generator(domain.shape, seed=0, **SMALL), settings, seed=0,
+                       device=torch.device("cpu"))
+
+
+def test_the_reptile_step_moves_the_generator_meta_lr_of_the_way(updates):
+    """θ ← θ + ε(θ' − θ): ε = 1 lands on the inner result, ε = 0.25 a quarter of the way."""
+    domain, observed = updates
+    before = FlatWeights(_learner(domain, 1.0).generator).base
+    moved = {}
+    for meta_lr in (1.0, 0.25):
+        learner = _learner(domain, meta_lr)
+        task = learner.learn(observed[0])
+        assert task.inner_objective < task.latent_objective  # the inner steps fit the task
+        moved[meta_lr] = FlatWeights(learner.generator).base - before
+    assert moved[1.0].abs().max() > 1e-3
+    torch.testing.assert_close(moved[0.25], 0.25 * moved[1.0], atol=1e-6, rtol=1e-4)
+
+
+class FakePool:
+    def __init__(self):
+        self.submitted = []
+        self.closed = False
+
+    def wants(self, server_round: int, client_id: int) -> bool:
+        return client_id != 99
+
+    def submit(self, observation, truth, params=None) -> None:
+        self.submitted.append((observation.server_round, params["giml"].generator))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None: ...
+
+
+def test_the_sink_learns_from_every_update_and_saves_the_generator_per_round(updates, tmp_path):
+    domain, observed = updates
+    run_dir = RunDirectory.create(tmp_path / "run")
+    params = GimlParams(meta_latent_iterations=5, inner_steps=5, inner_lr=1e-2, **SMALL)
+    pool = FakePool()
+    sink = GimlSink(pool, params, domain, run_dir, torch.device("cpu"), seed=0)
+    assert sink.wants(1, 0) and not sink.wants(1, 99)
+    for obs in observed:
+        sink.submit(obs, None)
+    sink.close()
+    after_1, after_2 = (run_dir.path / "giml" / f"after_round_00{r}.pt" for r in (1, 2))
+    # round 1's jobs attack with the starting generator, round 2's with the one learned in round 1
+    assert pool.submitted == [(1, "untrained"), (1, "untrained"), (2, str(after_1))] and pool.closed
+    first, header1 = load_prior(after_1, domain.shape)
+    last, header2 = load_prior(after_2, domain.shape)
+    assert (header1.data["tasks"], header2.data["tasks"]) == (2, 3)
+    start = untrained_generator(domain.shape, seed=derive_seed(0, "giml"), **SMALL)  # where the sink starts
+    z = torch.randn(3, 8)
+    with torch.no_grad():
+        assert (first(z) - start(z)).abs().max() > 1e-3 and (last(z) - first(z)).abs().max() > 1e-4
+    tasks = run_dir.read(TASKS)
+    assert [(t["server_round"], t["client_id"]) for t in tasks] == [(1, 0), (1, 1), (2, 2)]
