@@ -45,7 +45,8 @@ def case(tmp_path_factory):
     path = tmp_path_factory.mktemp("prior") / "bank.pt"
     save_prior(path, bank, {"latent_dim": 12, "width": 0}, {"split": "test bank"})
     params = gias.GiasParams(generator=str(path), generator_class=f"{BankGenerator.__module__}:BankGenerator",
-                             latent_iterations=150, parameter_iterations=50, latent_lr=0.1)
+                             latent_iterations=150, parameter_iterations=50, latent_lr=0.1,
+                             parameter_lr=1e-2)  # the bank is in pixel units
     return photos.domain, obs, x, y, params
 
 

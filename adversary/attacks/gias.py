@@ -53,7 +53,8 @@ class GiasParams:
     parameter_iterations: int = field(default=500, metadata={"min": 1, "doc": "parameter-search steps"})
     restarts: int = field(default=1, metadata={"min": 1, "doc": "latent searches from random latents"})
     latent_lr: float = field(default=0.05, metadata={"gt": 0.0})
-    parameter_lr: float = field(default=1e-3, metadata={"gt": 0.0})
+    parameter_lr: float = field(default=1e-4, metadata={"gt": 0.0})
+    parameter_signed: bool = field(default=True, metadata={"doc": "parameter search on the sign of the gradient"})
     prior_weight: float = field(default=0.0, metadata={"min": 0.0, "doc": "weight of the distance of the "
                                                        "per-image generator weights from the prior's"})
     tv_weight: float = field(default=1e-4, metadata={"min": 0.0})
@@ -138,6 +139,7 @@ def run(obs: Observation, params: GiasParams, ctx: AttackContext) -> Reconstruct
     if "w" in params.stage and not stopped:
         searched, descent = parameter_search(objective, generator, normalise, z, iterations=params.parameter_iterations,
                                              lr=params.parameter_lr, prior_weight=params.prior_weight,
+                                             signed=params.parameter_signed,
                                              deadline=ctx.deadline, on_step=on_step)
         stopped = descent.stopped
         matched = objective(searched).item()  # without the regulariser, comparable with the latent stage

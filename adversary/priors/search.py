@@ -2,11 +2,11 @@
 
 - **latent search** (GI-z): one latent per image, ``x = normalise(G(z))``, Adam on z;
 - **parameter search** (GI-w): one copy of G's weights per image, started from G's, Adam on the
-  copies with the latents fixed, plus ``prior_weight`` × the mean relative squared distance of
+  copies (on the sign of their gradient by default, like Geiping's pixel search) with the latents fixed, plus ``prior_weight`` × the mean relative squared distance of
   the copies from G's weights (the regulariser that keeps them near the prior).
 
 Both minimise an image objective (:func:`adversary.maths.matching.image_objective`) with
-:func:`adversary.maths.matching.descend_inputs` (plain Adam, lr ×0.1 at 3/8, 5/8, 7/8). The
+:func:`adversary.maths.matching.descend_inputs` (Adam, lr ×0.1 at 3/8, 5/8, 7/8). The
 generator runs in eval mode (BatchNorm with its running statistics), so that one image's
 output does not depend on the others'.
 """
@@ -75,10 +75,11 @@ def latent_search(objective: Callable[[torch.Tensor], torch.Tensor], generator: 
 
 
 def parameter_search(objective: Callable[[torch.Tensor], torch.Tensor], generator: nn.Module, normalise: Images,
-                     z: torch.Tensor, *, iterations: int, lr: float, prior_weight: float,
+                     z: torch.Tensor, *, iterations: int, lr: float, prior_weight: float, signed: bool = True,
                      deadline: float | None = None,
                      on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, Descent]:
-    """GI-w: per-image copies of G's weights at fixed latents ``z`` (n, latent_dim). Returns the
+    """GI-w: per-image copies of G's weights at fixed latents ``z`` (n, latent_dim); ``signed``:
+    Adam steps on the sign of the gradient. Returns the
     images (n, C, H, W, normalised) of the best copies and the Descent over the weight rows."""
     weights = FlatWeights(generator)
     z = z.detach()
@@ -88,7 +89,7 @@ def parameter_search(objective: Callable[[torch.Tensor], torch.Tensor], generato
         return value + prior_weight * weights.distance(rows) if prior_weight else value
 
     descent = descend_inputs(regularised, weights.rows(len(z)).to(z.device), iterations=iterations, lr=lr,
-                             signed=False, deadline=deadline, on_step=on_step)
+                             signed=signed, deadline=deadline, on_step=on_step)
     with torch.no_grad():
         images = normalise(weights.images(descent.inputs, z))
     return images, descent
