@@ -82,15 +82,18 @@ def test_the_sink_learns_from_every_update_and_saves_the_generator_per_round(upd
     for obs in observed:
         sink.submit(obs, None)
     sink.close()
-    after_1, after_2 = (run_dir.path / "giml" / f"after_round_00{r}.pt" for r in (1, 2))
+    after_0, after_1, after_2 = (run_dir.path / "giml" / f"after_round_00{r}.pt" for r in (0, 1, 2))
     # round 1's jobs attack with the starting generator, round 2's with the one learned in round 1
-    assert pool.submitted == [(1, "untrained"), (1, "untrained"), (2, str(after_1))] and pool.closed
+    assert pool.submitted == [(1, str(after_0)), (1, str(after_0)), (2, str(after_1))] and pool.closed
     first, header1 = load_prior(after_1, domain.shape)
     last, header2 = load_prior(after_2, domain.shape)
     assert (header1.data["tasks"], header2.data["tasks"]) == (2, 3)
-    start = untrained_generator(domain.shape, seed=derive_seed(0, "giml"), **SMALL)  # where the sink starts
+    start, header0 = load_prior(after_0, domain.shape)
+    assert header0.data["tasks"] == 0 and header0.data["started_from"] == "untrained"
+    untrained = untrained_generator(domain.shape, seed=derive_seed(0, "giml"), **SMALL)
     z = torch.randn(3, 8)
     with torch.no_grad():
+        assert torch.equal(start(z), untrained(z))
         assert (first(z) - start(z)).abs().max() > 1e-3 and (last(z) - first(z)).abs().max() > 1e-4
     tasks = run_dir.read(TASKS)
     assert [(t["server_round"], t["client_id"]) for t in tasks] == [(1, 0), (1, 1), (2, 2)]

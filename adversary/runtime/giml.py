@@ -6,8 +6,9 @@ Wraps the inversion pool (any :class:`server.strategy.AttackSink`-shaped object 
 ``attack.giml.generator`` set to the last saved generator, then one meta-learning task runs on
 it here, in the server's thread (:class:`adversary.priors.giml.MetaLearner`). When the first
 update of a new round arrives, and at the end of the run, the generator is saved as
-``giml/after_round_RRR.pt`` (a prior checkpoint: :func:`adversary.priors.checkpoint.load_prior`)
-and every task is one line of ``giml/tasks.jsonl``.
+``giml/after_round_RRR.pt`` (a prior checkpoint: :func:`adversary.priors.checkpoint.load_prior`;
+``after_round_000.pt`` is the generator it starts from) and every task is one line of
+``giml/tasks.jsonl``.
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ class GimlSink:
         start = load_generator(params, domain.shape, derive_seed(seed, "giml"))
         self.learner = MetaLearner(start, params.settings(), derive_seed(seed, "giml", "tasks"), device)
         self.config = {"latent_dim": start.latent_dim, "width": params.width}
-        self.round: int | None = None
-        self.current = params.generator  # what the next jobs attack with
+        self.round: int | None = 0
+        self.current = str(self.save())  # what the next jobs attack with: first the starting generator
+        self.round = None
 
     def wants(self, server_round: int, client_id: int) -> bool:
         return self.pool.wants(server_round, client_id)

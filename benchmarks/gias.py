@@ -1,0 +1,146 @@
+"""Benchmark of GIAS (Jeon et al., NeurIPS'21) against Geiping's attack on the same updates.
+
+Base scenario ``scenarios/geiping_fedsgd_b1.toml`` (untrained ConvNet, embedded 32x32 photos,
+labels recovered from the update). For every batch size b, clients 0, 1, ... train once on b
+images (FedSGD: one step) and every method inverts the *same* observed update with the same
+number of matching-objective evaluations E:
+
+- GI-x: Geiping's attack (``geiping``), E pixel-search steps;
+- GI-z: ``gias`` with stage "z", E latent-search steps through the auxiliary-trained prior;
+- GI-z/w: ``gias`` with stage "z/w" (GIAS), E/2 latent + E/2 parameter-search steps.
+
+Then a multi-step update (b images, batch b/2, 2 local epochs, momentum 0.9: 4 SGD steps, the
+local training unrolled by every method). The prior is a ``fedsim train-prior`` checkpoint
+(auxiliary data disjoint from the clients'); ``--prior`` trains one first if the file is missing.
+
+Everything goes through the code a run uses (``observe_first_update``: the real client
+training; ``run_job``: attack + scoring).
+
+    python benchmarks/gias.py --prior /tmp/prior.pt --evaluations 400 --out benchmarks/results/gias_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from geiping import variant  # noqa: E402
+from adversary.attacks.geiping import GeipingParams  # noqa: E402
+from adversary.attacks.gias import GiasParams  # noqa: E402
+from adversary.priors.training import PriorTraining  # noqa: E402
+from adversary.runtime.execution import AttackJob, run_job  # noqa: E402
+from fedsim.data import load_data  # noqa: E402
+from fedsim.run.preparation import validate_scenario  # noqa: E402
+from fedsim.run.prior import train_prior_for  # noqa: E402
+from fedsim.run.single_shot import observe_first_update  # noqa: E402
+from fedsim.scenario import Scenario  # noqa: E402
+
+
+def methods(prior: Path, evaluations: int) -> dict[str, tuple[str, object]]:
+    """Method name -> (attack, params), each spending ``evaluations`` objective evaluations."""
+    half = evaluations // 2
+    return {
+        "GI-x": ("geiping", replace(GeipingParams(), iterations=evaluations)),
+        "GI-z": ("gias", GiasParams(stage="z", generator=str(prior), latent_iterations=evaluations)),
+        "GI-z/w": ("gias", GiasParams(stage="z/w", generator=str(prior), latent_iterations=half,
+                                      parameter_iterations=evaluations - half)),
+    }
+
+
+def attack_case(scenario: Scenario, batches: int, chosen: dict[str, tuple[str, object]],
+                device: torch.device) -> dict[str, list[dict]]:
+    """Every method on the round-1 updates of clients 0 .. batches-1; method -> records."""
+    splits = load_data(scenario.data, scenario.seed)
+    records: dict[str, list[dict]] = {name: [] for name in chosen}
+    for client in range(batches):
+        observation, truth = observe_first_update(scenario, splits, client)
+        for name, (attack, params) in chosen.items():
+            job = AttackJob(0, attack, params, observation, truth, "none", scenario.attack.recovered_psnr,
+                            3600.0, seed=client)
+            record = run_job(job, device, lpips=None).record
+            if record.status != "ok":
+                raise RuntimeError(f"{name} failed: {record.error}")
+            records[name].append(record.to_dict())
+            print(f"  client {client} {name}: PSNR mean {record.psnr_mean:.2f} SSIM {record.ssim_mean:.3f} "
+                  f"({record.seconds:.0f} s)", flush=True)
+    return records
+
+
+def summarise(records: list[dict]) -> dict:
+    psnrs = [p for r in records for p in r["psnr"]]
+    return {"images": len(psnrs), "psnr_mean": statistics.fmean(psnrs), "psnr_median": statistics.median(psnrs),
+            "ssim_mean": statistics.fmean(r["ssim_mean"] for r in records),
+            "label_acc": statistics.fmean(r["label_acc"] for r in records),
+            "evaluations": records[0]["iterations"],
+            "seconds_per_batch": statistics.fmean(r["seconds"] for r in records)}
+
+
+def markdown(summary: dict[str, dict[str, dict]]) -> str:
+    lines = ["| update | method | images | PSNR mean (dB) | PSNR median (dB) | SSIM mean | label acc | "
+             "evaluations | s / batch |", "|---|---|---|---|---|---|---|---|---|"]
+    for case, by_method in summary.items():
+        for name, s in by_method.items():
+            lines.append(f"| {case} | {name} | {s['images']} | {s['psnr_mean']:.2f} | {s['psnr_median']:.2f} | "
+                         f"{s['ssim_mean']:.3f} | {s['label_acc']:.2f} | {s['evaluations']} | "
+                         f"{s['seconds_per_batch']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenario", type=Path, default=ROOT / "scenarios" / "geiping_fedsgd_b1.toml")
+    ap.add_argument("--prior", type=Path, required=True, help="prior checkpoint (trained first if missing)")
+    ap.add_argument("--prior-steps", type=int, default=PriorTraining().steps)
+    ap.add_argument("--evaluations", type=int, default=400, help="objective evaluations per method")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[4, 8])
+    ap.add_argument("--batches", type=int, default=1, help="client updates per case")
+    ap.add_argument("--multistep-batch", type=int, default=4, help="images of the multi-step update (0: skip)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file, rewritten after every case")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if not args.prior.exists():
+        print(f"training the prior {args.prior} ({args.prior_steps} steps)", flush=True)
+        train_prior_for(args.scenario, args.prior, PriorTraining(steps=args.prior_steps), 2000, show_progress=False)
+    base = validate_scenario(args.scenario)
+    chosen = methods(args.prior, args.evaluations)
+    result: dict = {"scenario": str(args.scenario), "prior": str(args.prior), "evaluations": args.evaluations,
+                    "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+                                "platform": platform.platform(), "loadavg_start": os.getloadavg()},
+                    "runs": {}, "summary": {}}
+    cases = [(f"FedSGD b={b}", variant(base, b)) for b in args.batch_sizes]
+    if args.multistep_batch:
+        b = args.multistep_batch
+        cases.append((f"{b} images, batch {b // 2}, 2 epochs, momentum 0.9", multistep_variant(base, b)))
+    for name, scenario in cases:
+        print(name, flush=True)
+        result["runs"][name] = attack_case(scenario, args.batches, chosen, device)
+        result["summary"][name] = {m: summarise(r) for m, r in result["runs"][name].items()}
+        if args.out is not None:
+            result["machine"]["loadavg_now"] = os.getloadavg()
+            args.out.write_text(json.dumps(result, indent=1))
+    print(markdown(result["summary"]))
+    return result
+
+
+def multistep_variant(base: Scenario, images: int) -> Scenario:
+    """``images`` examples, batch images/2, 2 local epochs (4 SGD steps), momentum 0.9."""
+    scenario = variant(base, images // 2, epochs=2, momentum=0.9)
+    return replace(scenario, data=replace(scenario.data, examples_per_client=images))
+
+
+if __name__ == "__main__":
+    main()
