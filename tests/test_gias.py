@@ -3,6 +3,7 @@
 ``benchmarks/gias.py``."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -88,3 +89,11 @@ def test_untrained_generator_and_restarts(case):
     rec = gias.run(obs, params, AttackContext(seed=0))
     assert rec.iterations == 15 and len(rec.extras["restart_objectives"]) == 2
     assert rec.extras["generator"] == "untrained"
+
+
+def test_deadline_is_respected(case):
+    domain, obs, x, y, params = case
+    start = time.monotonic()
+    rec = gias.run(obs, replace(params, latent_iterations=100_000), AttackContext(seed=0, deadline=start + 1.0))
+    assert rec.extras["stopped_early"] and time.monotonic() - start < 5.0
+    assert rec.inputs.shape == x.shape and 0 < rec.iterations < 100_000
