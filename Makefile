@@ -27,6 +27,8 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/geiping.py
+	$(PY) benchmarks/gias.py --prior scenarios/priors/embedded_photos_32.pt
+	$(PY) benchmarks/giml.py
 	$(PY) benchmarks/spear.py
 	$(PY) benchmarks/spear.py --sizes --fedavg --lrs 0.01 0.1 --clients 8 --geiping-iterations 1000
 	$(PY) benchmarks/spear.py --sizes --fedavg --batch-size 4 --lrs 0.01 0.1 --clients 4 --geiping-iterations 1000

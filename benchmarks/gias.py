@@ -7,7 +7,7 @@ number of matching-objective evaluations E:
 
 - GI-x: Geiping's attack (``geiping``), E pixel-search steps;
 - GI-z: ``gias`` with stage "z", E latent-search steps through the auxiliary-trained prior;
-- GI-z/w: ``gias`` with stage "z/w" (GIAS), E/2 latent + E/2 parameter-search steps.
+- GI-z/w: ``gias`` with stage "z/w" (GIAS), E/3 latent + 2E/3 parameter-search steps.
 
 Then a multi-step update (b images, batch b/2, 2 local epochs, momentum 0.9: 4 SGD steps, the
 local training unrolled by every method). The prior is a ``fedsim train-prior`` checkpoint
@@ -16,7 +16,7 @@ local training unrolled by every method). The prior is a ``fedsim train-prior`` 
 Everything goes through the code a run uses (``observe_first_update``: the real client
 training; ``run_job``: attack + scoring).
 
-    python benchmarks/gias.py --prior /tmp/prior.pt --evaluations 400 --out benchmarks/results/gias_cpu.json
+    python benchmarks/gias.py --prior scenarios/priors/embedded_photos_32.pt --out benchmarks/results/gias_cpu.json
 """
 from __future__ import annotations
 
@@ -49,12 +49,12 @@ from fedsim.scenario import Scenario  # noqa: E402
 
 def methods(prior: Path, evaluations: int) -> dict[str, tuple[str, object]]:
     """Method name -> (attack, params), each spending ``evaluations`` objective evaluations."""
-    half = evaluations // 2
+    third = evaluations // 3
     return {
         "GI-x": ("geiping", replace(GeipingParams(), iterations=evaluations)),
         "GI-z": ("gias", GiasParams(stage="z", generator=str(prior), latent_iterations=evaluations)),
-        "GI-z/w": ("gias", GiasParams(stage="z/w", generator=str(prior), latent_iterations=half,
-                                      parameter_iterations=evaluations - half)),
+        "GI-z/w": ("gias", GiasParams(stage="z/w", generator=str(prior), latent_iterations=third,
+                                      parameter_iterations=evaluations - third)),
     }
 
 
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scenario", type=Path, default=ROOT / "scenarios" / "geiping_fedsgd_b1.toml")
     ap.add_argument("--prior", type=Path, required=True, help="prior checkpoint (trained first if missing)")
     ap.add_argument("--prior-steps", type=int, default=PriorTraining().steps)
-    ap.add_argument("--evaluations", type=int, default=400, help="objective evaluations per method")
-    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[4, 8])
-    ap.add_argument("--batches", type=int, default=1, help="client updates per case")
+    ap.add_argument("--evaluations", type=int, default=300, help="objective evaluations per method")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 4])
+    ap.add_argument("--batches", type=int, default=2, help="client updates per case")
     ap.add_argument("--multistep-batch", type=int, default=4, help="images of the multi-step update (0: skip)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
