@@ -45,7 +45,7 @@ def test_values_equal_the_one_by_one_objective_and_gradient(photos16):
     input gradients of the vmap-ed call equal the matcher called on each problem alone."""
     obs = updates(photos16, UNROLLED, jobs=2, per_job=2)
     matcher = Matcher(obs[0], torch.device("cpu"), "unroll", bn_weight=1.0)
-    jobs = tuple([torch.stack(ts) for ts in zip(*[matcher.targets_of(o)[part] for o in obs])] for part in (0, 1))
+    jobs = matcher.stack_targets(obs)
     labels = torch.stack([photos16.train_y[0:2], photos16.train_y[2:4]])
     x = torch.randn(2, 3, 2, *photos16.domain.shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     values = matcher.values(x, labels, jobs)
@@ -58,7 +58,8 @@ def test_values_equal_the_one_by_one_objective_and_gradient(photos16):
             xr = x[j, r].detach().requires_grad_(True)
             value = alone(xr, labels[j])
             (g,) = torch.autograd.grad(value, xr)
-            assert float(values[j, r]) == pytest.approx(float(value), rel=1e-5)
+            value = value.detach()
+            assert float(values[j, r]) == pytest.approx(value.item(), rel=1e-5)
             assert torch.allclose(grad[j, r], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
     # the jobs differ: job 1 scored against job 0's update gives other values
     assert not torch.allclose(values[1], matcher.values(x[1:], labels[1:])[0], rtol=1e-3)

@@ -105,10 +105,7 @@ def run_many(observations: list[Observation], params: GeipingParams,
     mode = resolve_mode(params.multistep, first)
     matcher = Matcher(first, device, mode, loss=params.loss, layer_weighting=params.layer_weighting,
                       bn_weight=params.bn_weight)
-    jobs = None
-    if len(observations) > 1:
-        per_job = [matcher.targets_of(obs) for obs in observations]
-        jobs = tuple([torch.stack(ts) for ts in zip(*[job[part] for job in per_job])] for part in (0, 1))
+    jobs = matcher.stack_targets(observations) if len(observations) > 1 else None
     n, restarts = matcher.n, params.restarts
     recovered = [attack_labels(obs, n) for obs in observations]
     labels = torch.stack([y for y, _ in recovered]).to(device)  # (J, n)

@@ -17,7 +17,7 @@ import torch
 
 from adversary.maths.defense_model import BAYES_LOSS, UpdateLikelihood, defense_model
 from adversary.maths.labels import recover_labels
-from adversary.maths.objectives import l2_distance, layer_weights, matching_loss
+from adversary.maths.objectives import l2_distance, layer_weights, matching_loss, squared_norms
 from adversary.observation import Observation, global_model
 from adversary.maths.unroll import LocalTrainingReplay, batchnorm_buffer_names, parameter_names
 from fedsim.schedule import local_batches
@@ -27,6 +27,10 @@ from fedsim.schedule import local_batches
 TV_WEIGHT = 0.01
 #: weight of the BN running-statistics match in the update-matching objective
 BN_WEIGHT = 1.0
+
+#: what a job is scored against: the compared parameter tensors, their squared norms (L,), the
+#: compared BN statistics (each with a leading job dimension when stacked)
+JobTargets = tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]
 
 
 class Matcher:
@@ -73,6 +77,7 @@ class Matcher:
         # likelihood in Δ units, where the defense's noise lives
         self.scale = 1.0 if self.defense is not None else 1.0 / tr.lr
         self.targets = [obs.update[k].to(device=device, dtype=torch.float32) * self.scale for k in self.param_names]
+        self.target_sq = squared_norms(self.targets)  # fixed: not recomputed at every step
         self.buffer_targets = [obs.update[k].to(device=device, dtype=torch.float32) for k in self.buffer_names]
         self.likelihood: UpdateLikelihood | None = None
         if self.defense is not None:
@@ -88,23 +93,30 @@ class Matcher:
         return self.replay(inputs, labels)
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self._score(self.predict(inputs, labels), self.targets, self.buffer_targets)
+        return self._score(self.predict(inputs, labels), self.targets, self.target_sq, self.buffer_targets)
 
-    def _score(self, pred: dict[str, torch.Tensor], targets: list[torch.Tensor],
+    def _score(self, pred: dict[str, torch.Tensor], targets: list[torch.Tensor], target_sq: torch.Tensor,
                buffer_targets: list[torch.Tensor]) -> torch.Tensor:
         if self.likelihood is not None:
             return self.likelihood(pred)
         scaled = [pred[k] * self.scale for k in self.param_names] if self.scale != 1.0 else \
             [pred[k] for k in self.param_names]
-        value = matching_loss(self.loss, scaled, targets, self.weights)
+        value = matching_loss(self.loss, scaled, targets, self.weights, target_sq)
         if self.buffer_names:
             value = value + self.bn_weight * l2_distance([pred[k] for k in self.buffer_names], buffer_targets,
                                                          relative=True) / len(self.buffer_names)
         return value
 
-    def targets_of(self, obs: Observation) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def stack_targets(self, observations: list[Observation]) -> JobTargets:
+        """The compared tensors of each observation, stacked (J, ...) for :meth:`values`."""
+        targets, target_sq, buffer_targets = zip(*[self.targets_of(obs) for obs in observations])
+        return ([torch.stack(ts) for ts in zip(*targets)], torch.stack(target_sq),
+                [torch.stack(ts) for ts in zip(*buffer_targets)])
+
+    def targets_of(self, obs: Observation) -> JobTargets:
         """The compared tensors of another observation this matcher can score (same θ_t,
-        architecture, round config, example count and compared tensors); ValueError otherwise."""
+        architecture, round config, example count and compared tensors) — parameters, their
+        squared norms, BN statistics; ValueError otherwise."""
         other = (obs.model, obs.domain, obs.training, num_examples(obs))
         mine = (self.obs.model, self.obs.domain, self.obs.training, self.n)
         names = [k for k in self.param_names if obs.update[k].abs().sum() > 0]
@@ -114,26 +126,27 @@ class Matcher:
             raise ValueError(f"observation of round {obs.server_round}, client {obs.client_id} is not "
                              f"compatible with this matcher's")
         cast = [obs.update[k].to(device=self.device, dtype=torch.float32) for k in self.param_names + self.buffer_names]
-        return [t * self.scale for t in cast[:len(self.param_names)]], cast[len(self.param_names):]
+        targets = [t * self.scale for t in cast[:len(self.param_names)]]
+        return targets, squared_norms(targets), cast[len(self.param_names):]
 
     def values(self, inputs: torch.Tensor, labels: torch.Tensor,
-               jobs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+               jobs: JobTargets | None = None) -> torch.Tensor:
         """Objectives (J, R) of J jobs × R restarts: ``inputs`` (J, R, n, C, H, W), ``labels`` (J, n);
-        ``jobs``: the compared tensors of every job stacked (J, ...) as :meth:`targets_of` gives them
+        ``jobs``: the compared tensors of every job stacked (J, ...), :meth:`stack_targets`
         (None: this matcher's observation for every job). One ``vmap``-ed call; the Bayes
         likelihood (boolean masks, not vectorisable) is evaluated problem by problem instead."""
         if self.likelihood is not None:
             return torch.stack([torch.stack([self(x, y) for x in xs]) for xs, y in zip(inputs, labels)])
 
-        def one(x: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor],
+        def one(x: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor], target_sq: torch.Tensor,
                 buffer_targets: list[torch.Tensor]) -> torch.Tensor:
-            return self._score(self.replay(x, y, functional=True), targets, buffer_targets)
+            return self._score(self.replay(x, y, functional=True), targets, target_sq, buffer_targets)
 
-        per_job = torch.func.vmap(one, in_dims=(0, None, None, None))
+        per_job = torch.func.vmap(one, in_dims=(0, None, None, None, None))
         if jobs is None:
-            return torch.func.vmap(per_job, in_dims=(0, 0, None, None))(inputs, labels, self.targets,
-                                                                          self.buffer_targets)
-        return torch.func.vmap(per_job, in_dims=(0, 0, 0, 0))(inputs, labels, *jobs)
+            return torch.func.vmap(per_job, in_dims=(0, 0, None, None, None))(
+                inputs, labels, self.targets, self.target_sq, self.buffer_targets)
+        return torch.func.vmap(per_job, in_dims=(0, 0, 0, 0, 0))(inputs, labels, *jobs)
 
 
 def num_examples(obs: Observation) -> int:
