@@ -81,13 +81,16 @@ class BatchStatNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.composite:
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # x·scale + shift with per-channel scale = w/sqrt(var + eps), shift = b − mean·scale:
+        # two passes over the activations, forward and backward, instead of four
         dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.weight is None:
-            return y
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale if self.bias is None else self.bias - mean * scale
         shape = [1, -1, *[1] * (x.dim() - 2)]
-        return y * self.weight.view(shape) + self.bias.view(shape)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
 
 class LocalTrainingReplay:
