@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/geiping.py
 	$(PY) benchmarks/gias.py --prior scenarios/priors/embedded_photos_32.pt
 	$(PY) benchmarks/giml.py
+	$(PY) benchmarks/attack_throughput.py --out benchmarks/results/attack_throughput_cpu.json
 	$(PY) benchmarks/spear.py
 	$(PY) benchmarks/spear.py --sizes --fedavg --lrs 0.01 0.1 --clients 8 --geiping-iterations 1000
 	$(PY) benchmarks/spear.py --sizes --fedavg --batch-size 4 --lrs 0.01 0.1 --clients 4 --geiping-iterations 1000

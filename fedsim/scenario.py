@@ -112,6 +112,7 @@ class AttackPlan:
     rounds: tuple[int, ...] = field(default=(1,), metadata={"min": 1, "doc": "rounds to attack (empty = every round)"})
     clients: tuple[int, ...] = field(default=(0,), metadata={"min": 0, "doc": "client ids to attack (empty = every sampled client)"})
     pool_size: int = field(default=1, metadata={"min": 1})
+    batch_jobs: int = field(default=1, metadata={"min": 1, "doc": "compatible queued jobs (same attack, round and config) a worker takes in one vectorised launch; > 1 pays on a GPU"})
     worker_cpus: float = field(default=1.0, metadata={"gt": 0.0})
     wait: bool = field(default=False, metadata={"doc": "rounds wait for their attacks to finish"})
     timeout_s: float = field(default=1800.0, metadata={"gt": 0.0})

@@ -3,7 +3,10 @@ round's record in ``rounds.jsonl``, the checkpoint — and the reasons a run sto
 
 The evaluation on the test split takes as long as a tenth of a round of client training, so it
 runs in a background thread while the next round's clients train (one thread: records are
-written in round order, each checkpoint after its record). What can be decided at once is
+written in round order, each checkpoint after its record). A round waits for the previous
+round's evaluation before queueing its own, so at most one global state waits in the queue:
+with an unbounded queue, a starved low-priority evaluation let states pile up (50 MB each for
+a 3072-4096-10 MLP) and the driver's memory grew with the number of rounds. What can be decided at once is
 decided in the server's thread when Flower hands over the round: non-finite weights or training
 loss (:class:`RunDiverged`), every sampled client failed (:class:`RoundFailed`); those rounds
 are recorded before the run stops. A test loss that is not finite is found by the background
@@ -83,6 +86,7 @@ class RoundCloser:
             if diverged is not None:
                 raise RunDiverged(server_round, diverged)
             raise RoundFailed(server_round, len(trace.failures))
+        self.finish()  # at most one state waits for evaluation: memory stays flat when evaluation lags
         self.pending = self.executor.submit(self._evaluate, server_round, trace, state, privacy)
         return None
 

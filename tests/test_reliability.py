@@ -164,10 +164,13 @@ def test_non_finite_numbers_are_stored_as_null(tmp_path):
 
 @pytest.mark.slow
 def test_driver_memory_is_flat_across_rounds(tmp_path):
-    """MLP 3072 -> 4096 -> 10 (50 MB per state): the driver's peak RSS at 16 rounds is within
-    15 % of the one at 4 (before the fix: 2.37 GB -> 4.21 GB)."""
+    """MLP 3072 -> 4096 -> 10 (50 MB per global state): the driver's peak RSS grows by less than
+    450 MB from 4 to 24 rounds. Keeping one state per round would add 1,000 MB (before the fix
+    4 -> 16 rounds went 2.37 GB -> 4.21 GB); the peak of a flat run still wanders by up to
+    ~300 MB between runs (how many of a round's transient copies happen to be alive at once),
+    so a ratio of two single peaks is no test."""
     peaks = {}
-    for rounds in (4, 16):
+    for rounds in (4, 24):
         path = tmp_path / f"mem{rounds}.toml"
         path.write_text(f"""
 name = "mem{rounds}"
@@ -189,7 +192,7 @@ batch_size = 10
         subprocess.run([*FEDSIM, "run", str(path), "--out", str(out), "--quiet"], check=True, cwd=ROOT,
                        capture_output=True, timeout=600)
         peaks[rounds] = json.loads((out / "summary.json").read_text())["driver_peak_rss_mb"]
-    assert peaks[16] < 1.15 * peaks[4], peaks
+    assert peaks[24] - peaks[4] < 450, peaks
 
 
 # ------------------------------------------------------------------ 4. bad input, one line each

@@ -83,3 +83,27 @@ def test_killed_worker_yields_failed_record_and_nothing_else_is_lost(tmp_path, r
     assert set(by_attack) == {"geiping", "dlg"}
     assert by_attack["geiping"]["status"] == "failed" and "worker died" in by_attack["geiping"]["error"]
     assert by_attack["dlg"]["status"] == "ok"
+
+
+def test_compatible_queued_jobs_run_in_one_launch(tmp_path, ray_session):
+    """Three clients' round-1 updates queued while the only worker is out: with batch_jobs = 3
+    they go to one launch (one vectorised Geiping descent) and each gets its own ok record."""
+    path = tmp_path / "pool.toml"
+    text = SCENARIO.format(geiping_iterations=30).replace('attacks = ["geiping", "dlg"]', 'attacks = ["geiping"]')
+    path.write_text(text.replace("pool_size = 2", "pool_size = 1\nbatch_jobs = 3"))
+    setup = prepare_run(path, tmp_path / "run", show_progress=False)
+    pool: InversionPool = make_sink(setup)
+    with pool.lock:
+        actor = pool.idle.pop()
+    for client in range(3):
+        pool.submit(*observe_first_update(setup.scenario, setup.splits, client=client))
+    assert len(pool.queue) == 3
+    with pool.lock:
+        pool.idle.append(actor)
+        pool._dispatch()
+        assert len(pool.running) == 1 and not pool.queue
+    pool.close()
+    records = RunDirectory(tmp_path / "run").read(LEAKAGE)
+    assert sorted(r["client"] for r in records) == [0, 1, 2]
+    assert all(r["status"] == "ok" and r["extras"]["jobs_in_launch"] == 3 for r in records)
+    assert len({tuple(r["psnr"]) for r in records}) == 3

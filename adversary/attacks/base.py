@@ -2,14 +2,17 @@
 dataclass, and the runtime settings it is called with.
 
 A run function has the signature ``run(obs: Observation, params: P, ctx: AttackContext) ->
-Reconstruction``. :class:`Attack` refuses any function whose annotations mention
-:class:`GroundTruth` (attacks never see the ground truth).
+Reconstruction``. An attack that can attack several updates in one launch also has
+``run_many(observations, params, contexts) -> reconstructions`` (one context per observation) and
+``batch_key(obs, params)``: observations with equal non-None keys may go to one ``run_many``.
+:class:`Attack` refuses any function whose annotations mention :class:`GroundTruth` (attacks never
+see the ground truth).
 """
 from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -32,13 +35,21 @@ class AttackContext:
 
 @dataclass(frozen=True)
 class Attack:
-    """One attack: its registry ``name``, its parameter dataclass and its run function."""
+    """One attack: its registry ``name``, its parameter dataclass, its run function and, when it
+    batches updates, its ``run_many`` and ``batch_key``."""
 
     name: str
     params_type: type
     run: Callable[[Observation, Any, AttackContext], Reconstruction]
+    run_many: Callable[[list[Observation], Any, list[AttackContext]], list[Reconstruction]] | None = None
+    batch_key: Callable[[Observation, Any], Hashable | None] | None = None
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(self.run)
-        if any(h is GroundTruth for h in hints.values()):
-            raise TypeError(f"attack {self.name!r} may not take GroundTruth")
+        for fn in (self.run, self.run_many):
+            hints = typing.get_type_hints(fn) if fn is not None else {}
+            if any(h is GroundTruth for h in hints.values()):
+                raise TypeError(f"attack {self.name!r} may not take GroundTruth")
+
+    def key(self, obs: Observation, params: Any) -> Hashable | None:
+        """The batching key of ``obs`` (None: it runs alone)."""
+        return None if self.batch_key is None else self.batch_key(obs, params)

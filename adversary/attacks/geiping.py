@@ -12,7 +12,10 @@ Dummy images are optimised so that the update they would produce matches the obs
 - optimiser: Adam on the *sign* of the input gradient, lr ×0.1 at 3/8, 5/8 and 7/8 of the
   iterations, projection onto the valid data box after every step;
 - ``restarts`` random initialisations (``randn``/``rand``/``zeros`` in normalised space), the one
-  with the lowest final objective is returned.
+  with the lowest final objective is returned. The restarts descend side by side, their objective
+  evaluated in one vectorised call (``batch_restarts``; :meth:`Matcher.values`), and so do the
+  restarts of several compatible updates (:func:`batch_key`, :func:`run_many`: the Ray worker
+  takes such jobs from its queue together).
 
 Multi-step updates (``multistep``): ``naive`` treats Δ as −lr·∇L of one step on the whole batch
 (the FedSGD assumption); ``unroll`` replays the public local-training loop (epochs, batch
@@ -31,13 +34,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Hashable
 
 import torch
 
 from adversary.maths.defense_model import BAYES_LOSS
-from adversary.maths.matching import (BN_WEIGHT, TV_WEIGHT, Descent, Matcher, attack_labels, descend_inputs,
-                                      image_objective, initial_inputs, resolve_mode)
-from adversary.maths.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES
+from adversary.maths.matching import (BN_WEIGHT, TV_WEIGHT, Matcher, attack_labels, descend_batch, initial_inputs,
+                                      num_examples, resolve_mode)
+from adversary.maths.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES, total_variation
 from adversary.observation import Observation, Reconstruction
 from adversary.attacks.base import Attack, AttackContext
 
@@ -71,49 +75,83 @@ class GeipingParams:
     init: str = field(default="randn", metadata={"choices": ("randn", "rand", "zeros")})
     multistep: str = field(default="auto", metadata={"choices": ("auto", "unroll", "naive")})
     report_every: int = field(default=100, metadata={"min": 1})
+    batch_restarts: bool = field(default=True, metadata={
+        "doc": "the restarts (and compatible queued jobs) as one vectorised objective call; off: one by one"})
+
+
+def batch_key(obs: Observation, params: GeipingParams) -> Hashable | None:
+    """Observations with equal keys can be attacked in one launch (:func:`run_many`): same round
+    (θ_t), architecture, data domain, round config, example count and compared tensors, same
+    params. None: this one runs alone (restarts one after another, or the Bayes likelihood)."""
+    if not params.batch_restarts or params.loss == BAYES_LOSS:
+        return None
+    compared = tuple(k for k, v in obs.update.items() if v.is_floating_point() and v.abs().sum() > 0)
+    return (params, obs.server_round, obs.model, obs.domain, obs.training, num_examples(obs), compared)
 
 
 def run(obs: Observation, params: GeipingParams, ctx: AttackContext) -> Reconstruction:
-    device = ctx.device
-    mode = resolve_mode(params.multistep, obs)
-    matcher = Matcher(obs, device, mode, loss=params.loss, layer_weighting=params.layer_weighting,
+    return run_many([obs], params, [ctx])[0]
+
+
+def run_many(observations: list[Observation], params: GeipingParams,
+             contexts: list[AttackContext]) -> list[Reconstruction]:
+    """Attack J observations with equal :func:`batch_key` (one context each: seed, progress; the
+    first one's device, the earliest deadline) in one descent over J × R problems of shape
+    (n, C, H, W): the objective of all of them in one vectorised call (``batch_restarts``), else
+    problem by problem; either way each keeps its own start, labels, BN statistics and best
+    iterate, as if attacked alone."""
+    device = contexts[0].device
+    first = observations[0]
+    mode = resolve_mode(params.multistep, first)
+    matcher = Matcher(first, device, mode, loss=params.loss, layer_weighting=params.layer_weighting,
                       bn_weight=params.bn_weight)
-    n = matcher.n
-    labels, label_source = attack_labels(obs, n)
-    labels = labels.to(device)
-    shape = (n, *obs.domain.shape)
-    bounds = obs.domain.bounds(torch.zeros(1, device=device))
-    generator = torch.Generator().manual_seed(ctx.seed)
-    total = params.iterations * params.restarts
+    jobs = matcher.stack_targets(observations) if len(observations) > 1 else None
+    n, restarts = matcher.n, params.restarts
+    recovered = [attack_labels(obs, n) for obs in observations]
+    labels = torch.stack([y for y, _ in recovered]).to(device)  # (J, n)
+    shape = (n, *first.domain.shape)
+    starts = []
+    for ctx in contexts:
+        generator = torch.Generator().manual_seed(ctx.seed)
+        starts.append(torch.stack([initial_inputs(params.init, shape, generator, device) for _ in range(restarts)]))
+    bounds = first.domain.bounds(torch.zeros(1, device=device))
+    deadlines = [ctx.deadline for ctx in contexts if ctx.deadline is not None]
+    total = params.iterations * restarts
     done = 0
 
-    objective = image_objective(matcher, labels, params.tv_weight)
+    def alone(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        match = matcher(x, y)
+        return match + params.tv_weight * total_variation(x) if params.tv_weight else match
 
-    def on_step(value: float) -> None:
+    def objective(x: torch.Tensor) -> torch.Tensor:  # (J, R, n, C, H, W) -> (J, R)
+        if x.shape[:2] == (1, 1) or not params.batch_restarts:
+            return torch.stack([torch.stack([alone(xr, y) for xr in xs]) for xs, y in zip(x, labels)])
+        value = matcher.values(x, labels, jobs)
+        if params.tv_weight:
+            value = value + params.tv_weight * torch.func.vmap(torch.func.vmap(total_variation))(x)
+        return value
+
+    def on_step(values: torch.Tensor) -> None:
         nonlocal done
-        done += 1
-        if done % params.report_every == 0:
-            ctx.report(done, total, value)
+        done += restarts
+        if done // params.report_every > (done - restarts) // params.report_every:
+            for ctx, value in zip(contexts, values.min(dim=1).values.tolist()):
+                ctx.report(done, total, value)
 
-    best: Descent | None = None
-    stopped = False
-    objectives: list[float] = []
-    for _ in range(params.restarts):
-        descent = descend_inputs(objective, initial_inputs(params.init, shape, generator, device),
-                                 iterations=params.iterations, lr=params.lr, signed=params.signed,
-                                 lr_decay=params.lr_decay, bounds=bounds, deadline=ctx.deadline, on_step=on_step)
-        if math.isfinite(descent.objective):
-            objectives.append(descent.objective)
-        if best is None or descent.objective < best.objective:
-            best = descent
-        if descent.stopped:
-            stopped = True
-            break
-    ctx.report(done, total, best.objective)
-    return Reconstruction(inputs=best.inputs.cpu(), labels=labels.cpu(), iterations=done, objective=best.objective,
-                          extras={"stopped_early": stopped, "mode": mode,
-                                  "label_source": label_source, "restarts_done": len(objectives),
-                                  "restart_objectives": objectives})
+    descent = descend_batch(objective, torch.stack(starts), iterations=params.iterations, lr=params.lr,
+                            signed=params.signed, lr_decay=params.lr_decay, bounds=bounds,
+                            deadline=min(deadlines) if deadlines else None, on_step=on_step, problem_dims=2)
+    results = []
+    for j, (ctx, (y, label_source)) in enumerate(zip(contexts, recovered)):
+        objectives = descent.objectives[j]
+        best = int(torch.argmin(objectives))
+        ctx.report(done, total, float(objectives[best]))
+        finite = [v for v in objectives.tolist() if math.isfinite(v)]
+        results.append(Reconstruction(
+            inputs=descent.inputs[j, best].cpu(), labels=y.cpu(), iterations=done, objective=float(objectives[best]),
+            extras={"stopped_early": descent.stopped, "mode": mode, "label_source": label_source,
+                    "restarts_done": len(finite), "restart_objectives": finite, "jobs_in_launch": len(observations)}))
+    return results
 
 
-ATTACK = Attack("geiping", GeipingParams, run)
+ATTACK = Attack("geiping", GeipingParams, run, run_many=run_many, batch_key=batch_key)

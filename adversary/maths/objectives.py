@@ -47,22 +47,30 @@ def _check(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> None
 
 
 def cosine_distance(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor], weights=None,
-                    *, per_layer: bool = False, eps: float = 1e-12) -> torch.Tensor:
+                    *, per_layer: bool = False, eps: float = 1e-12,
+                    target_sq: torch.Tensor | None = None) -> torch.Tensor:
     """1 − cosine similarity between prediction and observation.
 
     ``per_layer=False`` (Geiping et al.'s formulation): one cosine over all tensors concatenated,
     each entry's inner products scaled by its weight:
     ``1 − Σ w_l⟨p_l, t_l⟩ / (sqrt(Σ w_l‖p_l‖²)·sqrt(Σ w_l‖t_l‖²))`` — in [0, 2].
     ``per_layer=True``: ``Σ w_l (1 − cos(p_l, t_l))`` — one cosine per tensor, summed.
+    ``target_sq``: (L,) the ‖t_l‖² when the caller keeps them (:func:`squared_norms`; a fixed
+    observation's need not be recomputed at every step).
     """
     _check(pred, target)
     w = _weights(len(pred), weights, pred[0])
     dots = torch.stack([(p * t).sum() for p, t in zip(pred, target)])
     pn = torch.stack([p.pow(2).sum() for p in pred])
-    tn = torch.stack([t.pow(2).sum() for t in target]).to(dots.dtype)
+    tn = (squared_norms(target) if target_sq is None else target_sq).to(dots.dtype)
     if per_layer:
         return (w * (1 - dots / (pn.sqrt() * tn.sqrt()).clamp_min(eps))).sum()
     return 1 - (w * dots).sum() / ((w * pn).sum().sqrt() * (w * tn).sum().sqrt()).clamp_min(eps)
+
+
+def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(L,) ‖t_l‖² of each tensor."""
+    return torch.stack([t.pow(2).sum() for t in tensors])
 
 
 def l2_distance(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor], weights=None,
@@ -80,12 +88,13 @@ def l2_distance(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor], we
 
 
 def matching_loss(kind: str, pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor],
-                  weights=None) -> torch.Tensor:
-    """Dispatch by name: ``cosine`` (global), ``layer_cosine``, ``l2``, ``relative_l2``."""
+                  weights=None, target_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatch by name: ``cosine`` (global), ``layer_cosine``, ``l2``, ``relative_l2``
+    (``target_sq``: see :func:`cosine_distance`; the L2 losses do not use it)."""
     if kind == "cosine":
-        return cosine_distance(pred, target, weights)
+        return cosine_distance(pred, target, weights, target_sq=target_sq)
     if kind == "layer_cosine":
-        return cosine_distance(pred, target, weights, per_layer=True)
+        return cosine_distance(pred, target, weights, per_layer=True, target_sq=target_sq)
     if kind == "l2":
         return l2_distance(pred, target, weights)
     if kind == "relative_l2":

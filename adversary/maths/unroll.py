@@ -4,8 +4,9 @@ The client (``clients.training``) trains a copy of the global model in ``train()
 ``torch.optim.SGD(lr, momentum, weight_decay, nesterov)`` on ``F.cross_entropy`` (batch mean),
 one optimizer step per batch of the schedule, and uploads Δ = state_after − state_before.
 
-:func:`unroll_local_training` replays that loop functionally (``torch.func.functional_call``,
-gradients taken with ``create_graph=True``), so the predicted Δ is differentiable with respect
+:class:`LocalTrainingReplay` (and :func:`unroll_local_training`, its one-call form) replays that
+loop functionally (``torch.func.functional_call``, gradients taken with ``create_graph=True`` or
+``torch.func.grad``), so the predicted Δ is differentiable with respect
 to the (dummy) inputs and — when given as float logits — the labels. It reproduces
 ``torch.optim.SGD`` exactly (dampening 0):
 
@@ -22,6 +23,8 @@ turns an observed Δ back into a weighted sum of per-step gradients without repl
 """
 from __future__ import annotations
 
+import copy
+import math
 from typing import Sequence
 
 import torch
@@ -54,10 +57,153 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def _batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, var) per channel of a BN input (N, C, ...) as ``F.batch_norm`` folds them into its
+    running statistics: biased mean, unbiased variance (biased for a single value per channel)."""
+    dims = [0, *range(2, x.dim())]
+    count = math.prod(x.shape) // x.shape[1]
+    return x.mean(dim=dims), x.var(dim=dims, unbiased=count > 1)
+
+
+class BatchStatNorm(nn.Module):
+    """A BatchNorm layer in train mode that keeps no running statistics (the attacker's copy).
+
+    ``composite`` normalises with plain tensor ops instead of ``F.batch_norm``: the same function,
+    but its second derivative is right under ``torch.func.vmap`` (torch 2.14's batching rule for
+    the native batch-norm double backward gives input gradients off by ~1 %, also in float64).
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+        self.composite = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.composite:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # x·scale + shift with per-channel scale = w/sqrt(var + eps), shift = b − mean·scale:
+        # two passes over the activations, forward and backward, instead of four
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale if self.bias is None else self.bias - mean * scale
+        shape = [1, -1, *[1] * (x.dim() - 2)]
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+class LocalTrainingReplay:
+    """The client's local SGD loop as a pure function of (inputs, labels) → predicted Δ.
+
+    Everything that does not depend on the inputs is done once here: a private copy of the
+    architecture whose BatchNorm layers (:class:`BatchStatNorm`) always normalise with batch
+    statistics and keep no running statistics (so a step updates nothing in place and the replay
+    can be ``torch.func.vmap``-ed over restarts and jobs), θ_t cast to the compute dtype/device, the index of every step's
+    batch, the BN momentum of every step.
+
+    An unused parameter gets a zero gradient (``torch.optim.SGD`` would skip it; the two differ
+    only under weight decay or momentum). Calling it differentiates each step with ``torch.autograd.grad(create_graph=True)``, or with
+    ``torch.func.grad`` when ``functional`` (needed under ``torch.func.vmap``; ~8 % slower per
+    step on one CPU thread); see :func:`unroll_local_training` for the arguments and the result.
+    """
+
+    def __init__(self, model: nn.Module, global_state: dict[str, torch.Tensor], training: TrainingSpec,
+                 batches: Sequence[Sequence[int]], *, device: torch.device,
+                 dtype: torch.dtype = torch.float32, lr: float | None = None, buffers: bool = False):
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).detach()
+
+        self.lr = training.lr if lr is None else lr
+        self.momentum, self.wd, self.nesterov = training.momentum, training.weight_decay, training.nesterov
+        self.names = parameter_names(model)
+        self.start = {k: cast(global_state[k]) for k in self.names}
+        bn_layers = {prefix: mod for prefix, mod in model.named_modules()
+                     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats}
+        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).train()
+        self.norms = [BatchStatNorm(mod) for mod in bn_layers.values()]
+        for prefix, norm in zip(bn_layers, self.norms):
+            parent, _, leaf = prefix.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, leaf, norm)
+        # buffers that are not BN running statistics are inputs of the forward pass, from θ_t
+        self.constants = {k: cast(global_state.get(k, v)) for k, v in self.model.named_buffers()}
+        self.indices = [torch.as_tensor(list(batch), dtype=torch.long, device=device) for batch in batches]
+        self.buffers = buffers
+        self.running0: dict[str, torch.Tensor] = {}
+        self.bn_momenta: list[dict[str, float]] = [{} for _ in batches]  # per step: layer -> momentum
+        self.captured: dict[str, torch.Tensor] = {}
+        if buffers:
+            for prefix, mod in bn_layers.items():
+                for key in (f"{prefix}.running_mean", f"{prefix}.running_var"):
+                    self.running0[key] = cast(global_state.get(key, getattr(mod, key.rsplit(".", 1)[1])))
+                tracked = int(global_state.get(f"{prefix}.num_batches_tracked", 0))
+                for step, momenta in enumerate(self.bn_momenta):
+                    momenta[prefix] = mod.momentum if mod.momentum is not None else 1.0 / (tracked + step + 1)
+                self.model.get_submodule(prefix).register_forward_pre_hook(self._capture(prefix))
+        self._functional_step = torch.func.grad(self._functional_loss, has_aux=True)
+
+    def _capture(self, prefix: str):
+        def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self.captured[prefix] = args[0]
+        return hook
+
+    def _forward_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Batch-mean cross-entropy at ``params``; the BN inputs land in ``captured``."""
+        return _loss(functional_call(self.model, {**params, **self.constants}, (x,)), y)
+
+    def _statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        # popped: a BN input kept past the call would keep that call's whole graph alive
+        return {prefix: _batch_statistics(self.captured.pop(prefix)) for prefix in list(self.captured)}
+
+    def _functional_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+        return self._forward_loss(params, x, y), self._statistics()
+
+    def _autograd_step(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+        leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+        loss = self._forward_loss(leaves, x, y)
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        # statistics after the gradient: the graph's order, hence the rounding of the input
+        # gradient, stays that of the replay this class replaced (demo numbers unchanged)
+        return dict(zip(leaves, grads)), self._statistics()
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor, *,
+                 functional: bool = False) -> dict[str, torch.Tensor]:
+        lr, momentum, wd, nesterov = self.lr, self.momentum, self.wd, self.nesterov
+        for norm in self.norms:
+            norm.composite = functional
+        params = dict(self.start)
+        momentum_buffers: dict[str, torch.Tensor] = {}
+        running = dict(self.running0)
+        for step, index in enumerate(self.indices):
+            # indexed even for the whole batch: the input gradient then sums the replay's
+            # contributions before the caller's (e.g. the TV prior's), in the same order as before
+            x, y = inputs[index], labels[index]
+            grads, stats = (self._functional_step if functional else self._autograd_step)(params, x, y)
+            for name in self.names:
+                p = params[name]
+                d = grads[name] + wd * p if wd != 0 else grads[name]
+                if momentum != 0:
+                    buf = d if step == 0 else momentum * momentum_buffers[name] + d
+                    momentum_buffers[name] = buf
+                    d = d + momentum * buf if nesterov else buf
+                params[name] = p - lr * d
+            for prefix, (mean, var) in stats.items():
+                m = self.bn_momenta[step][prefix]
+                rm, rv = f"{prefix}.running_mean", f"{prefix}.running_var"
+                running[rm] = (1 - m) * running[rm] + m * mean
+                running[rv] = (1 - m) * running[rv] + m * var
+        # θ_K − θ_t as the client computes it (not Σ −lr·d: the same up to rounding, but the signed
+        # descent amplifies rounding differences into visibly different reconstructions)
+        delta = {name: params[name] - self.start[name] for name in self.names}
+        for key, value in running.items():
+            delta[key] = value - self.running0[key]
+        return delta
+
+
 def unroll_local_training(model: nn.Module, global_state: dict[str, torch.Tensor], inputs: torch.Tensor,
                           labels: torch.Tensor, training: TrainingSpec, batches: Sequence[Sequence[int]],
-                          *, lr: float | None = None, buffers: bool = False,
-                          create_graph: bool = True) -> dict[str, torch.Tensor]:
+                          *, lr: float | None = None, buffers: bool = False) -> dict[str, torch.Tensor]:
     """Predicted update Δ of the client's local SGD loop, differentiable w.r.t. ``inputs``/``labels``.
 
     ``model``: the architecture (its own weights and buffers are neither used nor modified);
@@ -68,95 +214,12 @@ def unroll_local_training(model: nn.Module, global_state: dict[str, torch.Tensor
     ``fedsim.schedule.local_batches(n, B, epochs, max_steps)``).
 
     Returns ``{name: Δ}`` for every trainable parameter, plus the BatchNorm running statistics
-    when ``buffers`` is true. Computation happens in ``inputs.dtype`` on ``inputs.device``.
+    when ``buffers`` is true. Computation happens in ``inputs.dtype`` on ``inputs.device``. Set-up
+    and replay in one call: an attack that replays many times builds a :class:`LocalTrainingReplay`.
     """
-    lr = training.lr if lr is None else lr
-    momentum, wd, nesterov = training.momentum, training.weight_decay, training.nesterov
-    device, dtype = inputs.device, inputs.dtype
-    names = parameter_names(model)
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device)
-        return t.to(dtype) if t.is_floating_point() else t
-
-    start = {k: cast(global_state[k]).detach().requires_grad_(True) for k in names}
-    params = dict(start)
-    buffer_state = {k: cast(v).detach() for k, v in model.named_buffers()}
-    for k in buffer_state:
-        if k in global_state:
-            buffer_state[k] = cast(global_state[k]).detach()
-
-    # differentiable running statistics: capture each BN layer's input with a pre-hook
-    bn_layers = {prefix: mod for prefix, mod in model.named_modules()
-                 if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats}
-    running = {}
-    if buffers:
-        for prefix in bn_layers:
-            running[f"{prefix}.running_mean"] = buffer_state[f"{prefix}.running_mean"]
-            running[f"{prefix}.running_var"] = buffer_state[f"{prefix}.running_var"]
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    if buffers:
-        for prefix, mod in bn_layers.items():
-            def hook(_mod, args, prefix=prefix):
-                captured[prefix] = args[0]
-            handles.append(mod.register_forward_pre_hook(hook))
-    tracked = {prefix: 0 for prefix in bn_layers}
-    for prefix in bn_layers:
-        key = f"{prefix}.num_batches_tracked"
-        if key in global_state:
-            tracked[prefix] = int(global_state[key])
-
-    was_training = model.training
-    model.train()
-    momentum_buffers: dict[str, torch.Tensor] = {}
-    try:
-        for batch in batches:
-            index = torch.as_tensor(list(batch), dtype=torch.long, device=device)
-            captured.clear()
-            # fresh buffer copies every step: F.batch_norm updates them in place
-            state = {**{k: v.clone() for k, v in buffer_state.items()}, **params}
-            logits = functional_call(model, state, (inputs[index],))
-            loss = _loss(logits, labels[index])
-            grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph,
-                                        allow_unused=True)
-            new_params = {}
-            for name, g in zip(names, grads):
-                p = params[name]
-                if g is None:  # unused parameter: torch.optim.SGD skips it
-                    new_params[name] = p
-                    continue
-                d = g + wd * p if wd != 0 else g
-                if momentum != 0:
-                    buf = d if name not in momentum_buffers else momentum * momentum_buffers[name] + d
-                    momentum_buffers[name] = buf
-                    d = d + momentum * buf if nesterov else buf
-                new_params[name] = p - lr * d
-            params = new_params
-            if buffers:
-                for prefix, mod in bn_layers.items():
-                    if prefix not in captured:
-                        continue
-                    x = captured[prefix]
-                    dims = [0] + list(range(2, x.dim()))
-                    count = x.numel() // x.shape[1]
-                    mean = x.mean(dim=dims)
-                    var = x.var(dim=dims, unbiased=count > 1)
-                    tracked[prefix] += 1
-                    m = mod.momentum if mod.momentum is not None else 1.0 / tracked[prefix]
-                    rm, rv = f"{prefix}.running_mean", f"{prefix}.running_var"
-                    running[rm] = (1 - m) * running[rm] + m * mean
-                    running[rv] = (1 - m) * running[rv] + m * var
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
-    delta = {name: params[name] - start[name] for name in names}
-    if buffers:
-        for key, value in running.items():
-            delta[key] = value - buffer_state[key]
-    return delta
+    replay = LocalTrainingReplay(model, global_state, training, batches, device=inputs.device,
+                                 dtype=inputs.dtype, lr=lr, buffers=buffers)
+    return replay(inputs, labels)
 
 
 def step_coefficients(num_steps: int, momentum: float, nesterov: bool) -> torch.Tensor:

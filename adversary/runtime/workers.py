@@ -2,6 +2,8 @@
 
 ``InversionPool.submit(observation, truth)`` turns a tapped update into one job per
 planned attack (if the plan selects that round and client) and hands it to an idle actor
+— together with up to ``attack.batch_jobs`` − 1 queued jobs it can share one vectorised launch
+with (same attack, equal ``Attack.key``: same round, config and parameters)
 (placed with the Ray resources the wiring chooses: a GPU where CUDA exists, else an inversion
 slot or CPUs, see ``fedsim.run.ray_cluster``). The pool joins the Ray cluster the wiring
 started; it never starts one. A
@@ -24,9 +26,9 @@ import torch
 from ray.util.queue import Empty, Queue
 from tqdm import tqdm
 
-from adversary.runtime.execution import AttackJob, JobResult, failed_record, plan_jobs, run_job, store_result
+from adversary.runtime.execution import AttackJob, JobResult, failed_record, plan_jobs, run_jobs, store_result
 from adversary.observation import GroundTruth, Observation
-from adversary.runtime.registry import resolve_attack_params
+from adversary.runtime.registry import get_attack, resolve_attack_params
 from fedsim.rundir import RunDirectory
 from fedsim.scenario import AttackPlan, Scenario
 
@@ -40,9 +42,27 @@ def plan_selects(plan: AttackPlan, server_round: int, client_id: int) -> bool:
             and (not plan.clients or client_id in plan.clients))
 
 
+def take_launch(queue: deque[AttackJob], batch_jobs: int) -> list[AttackJob]:
+    """Pop the next queued job and up to ``batch_jobs`` − 1 later ones that can share its launch
+    (same attack, equal non-None ``Attack.key``); the others keep their order."""
+    job = queue.popleft()
+    attack = get_attack(job.attack)
+    key = attack.key(job.observation, job.params)
+    launch = [job]
+    if key is None:
+        return launch
+    for other in list(queue):
+        if len(launch) == batch_jobs:
+            break
+        if other.attack == job.attack and attack.key(other.observation, other.params) == key:
+            queue.remove(other)
+            launch.append(other)
+    return launch
+
+
 @ray.remote
 class InversionWorker:
-    """A Ray actor that runs attack jobs one at a time."""
+    """A Ray actor that runs one launch at a time (one job, or compatible jobs together)."""
 
     def __init__(self, progress: Queue | None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,32 +72,32 @@ class InversionWorker:
     def ready(self) -> str:
         return str(self.device)
 
-    def run(self, job: AttackJob) -> JobResult:
+    def run(self, jobs: list[AttackJob]) -> list[JobResult]:
         from adversary.scoring.metrics import LpipsScorer
 
         if self.lpips is None:
             self.lpips = LpipsScorer(device=self.device)
-        last = [0.0]
+        last: dict[int, float] = {}
 
-        def report(iteration: int, total: int, objective: float) -> None:
+        def report(job_id: int, iteration: int, total: int, objective: float) -> None:
             now = time.monotonic()
-            if self.progress is not None and (now - last[0] > 0.5 or iteration >= total):
-                last[0] = now
+            if self.progress is not None and (now - last.get(job_id, 0.0) > 0.5 or iteration >= total):
+                last[job_id] = now
                 try:
-                    self.progress.put_nowait((job.job_id, iteration, total, objective))
+                    self.progress.put_nowait((job_id, iteration, total, objective))
                 except Exception:  # noqa: BLE001 - a full queue only drops a progress tick
                     pass
 
-        return run_job(job, self.device, self.lpips, report)
+        return run_jobs(jobs, self.device, self.lpips, report)
 
 
 @dataclass
 class _Running:
-    job: AttackJob
+    jobs: list[AttackJob]
     actor: Any
     future: Any
     hard_deadline: float
-    bar: tqdm | None
+    bars: list[tqdm]
 
 
 class InversionPool:
@@ -133,15 +153,14 @@ class InversionPool:
     def _dispatch(self) -> None:
         """Start queued jobs on idle actors (caller holds the lock)."""
         while self.queue and self.idle:
-            job = self.queue.popleft()
+            jobs = take_launch(self.queue, self.plan.batch_jobs)
             actor = self.idle.pop()
-            bar = None
-            if self.show_progress:
-                bar = tqdm(total=1, desc=f"{job.attack} r{job.observation.server_round} c{job.observation.client_id}",
-                           unit="it", leave=False, position=1 + len(self.running))
-            future = actor.run.remote(job)
-            deadline = time.monotonic() + job.timeout_s + HARD_TIMEOUT_GRACE_S
-            self.running[future] = _Running(job, actor, future, deadline, bar)
+            bars = [tqdm(total=1, desc=f"{job.attack} r{job.observation.server_round} c{job.observation.client_id}",
+                         unit="it", leave=False, position=1 + len(self.running) + i)
+                    for i, job in enumerate(jobs)] if self.show_progress else []
+            future = actor.run.remote(jobs)
+            deadline = time.monotonic() + min(job.timeout_s for job in jobs) + HARD_TIMEOUT_GRACE_S
+            self.running[future] = _Running(jobs, actor, future, deadline, bars)
 
     # -- collection -------------------------------------------------------------------
     def _collect_loop(self) -> None:
@@ -158,7 +177,7 @@ class InversionPool:
             self._enforce_timeouts()
 
     def _drain_progress(self) -> None:
-        bars = {r.job.job_id: r.bar for r in list(self.running.values()) if r.bar is not None}
+        bars = {job.job_id: bar for r in list(self.running.values()) for job, bar in zip(r.jobs, r.bars)}
         while True:
             try:
                 job_id, iteration, total, objective = self.progress.get_nowait()
@@ -174,17 +193,19 @@ class InversionPool:
         with self.lock:
             running = self.running.pop(future)
         try:
-            result: JobResult = ray.get(future)
+            results: list[JobResult] = ray.get(future)
             actor = running.actor
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-            result = JobResult(failed_record(running.job, "failed", f"worker died: {type(exc).__name__}"))
+            results = [JobResult(failed_record(job, "failed", f"worker died: {type(exc).__name__}"))
+                       for job in running.jobs]
             actor = self._new_actor()
         except ray.exceptions.RayError as exc:
-            result = JobResult(failed_record(running.job, "failed", f"{type(exc).__name__}: {exc}"))
+            results = [JobResult(failed_record(job, "failed", f"{type(exc).__name__}: {exc}")) for job in running.jobs]
             actor = running.actor
-        self._write(result)
-        if running.bar is not None:
-            running.bar.close()
+        for result in results:
+            self._write(result)
+        for bar in running.bars:
+            bar.close()
         with self.lock:
             self.idle.append(actor)
             self._dispatch()
@@ -197,10 +218,11 @@ class InversionPool:
                 del self.running[r.future]
         for r in late:
             ray.kill(r.actor, no_restart=True)
-            self._write(JobResult(failed_record(r.job, "timeout", f"no result within {r.job.timeout_s:.0f} s "
-                                                f"(+{HARD_TIMEOUT_GRACE_S:.0f} s grace); worker killed")))
-            if r.bar is not None:
-                r.bar.close()
+            for job in r.jobs:
+                self._write(JobResult(failed_record(job, "timeout", f"no result within {job.timeout_s:.0f} s "
+                                                    f"(+{HARD_TIMEOUT_GRACE_S:.0f} s grace); worker killed")))
+            for bar in r.bars:
+                bar.close()
             with self.lock:
                 self.idle.append(self._new_actor())
                 self._dispatch()
@@ -216,7 +238,7 @@ class InversionPool:
     def _wait_for(self, job_ids: set[int]) -> None:
         while True:
             with self.lock:
-                busy = {j.job_id for j in self.queue} | {r.job.job_id for r in self.running.values()}
+                busy = {j.job_id for j in self.queue} | {j.job_id for r in self.running.values() for j in r.jobs}
             if not job_ids & busy:
                 return
             time.sleep(0.2)
@@ -225,7 +247,7 @@ class InversionPool:
         """Kill the actor running ``job_id`` (fault injection for tests and operators)."""
         with self.lock:
             for r in self.running.values():
-                if r.job.job_id == job_id:
+                if any(job.job_id == job_id for job in r.jobs):
                     ray.kill(r.actor, no_restart=True)
                     return True
         return False
@@ -235,7 +257,7 @@ class InversionPool:
         records written so far stay. Ray itself is shut down by the caller."""
         self.aborted.set()
         self.collector.join(timeout=5)
-        for bar in [r.bar for r in self.running.values() if r.bar is not None]:
+        for bar in [bar for r in self.running.values() for bar in r.bars]:
             bar.close()
 
     def close(self) -> None:
