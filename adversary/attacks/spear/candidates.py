@@ -166,7 +166,7 @@ class CandidatePool:
             for c, n_in in zip(self.items, inside_k.sum(1).tolist()):
                 c.hits += n_in
             rows = rows[~inside_k.any(0)]
-        for chunk in rows.split(4096):
+        for chunk in rows.split(max(64, min(4096, 2 ** 22 // b ** 2))):  # b = 100: 419 QRs of 100x99 at once
             # null vector: last column of the complete QR of A^T (cheaper than an SVD)
             Qc, Rc = torch.linalg.qr(prob.Lh[chunk].transpose(1, 2), mode="complete")
             q = Qc[:, :, -1]  # (H, b)

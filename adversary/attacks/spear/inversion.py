@@ -9,6 +9,7 @@ import torch
 
 from adversary.attacks.spear.candidates import CandidatePool
 from adversary.attacks.spear.endgame import endgame_directions
+from adversary.attacks.spear.guide import Guide, GuidedSampler
 from adversary.attacks.spear.problem import Candidate, Problem, SpearParams, SpearResult, estimate_batch_size
 from adversary.attacks.spear.search import search_round, tree_shape
 from adversary.attacks.spear.selection import assemble, mismatches, select
@@ -18,8 +19,8 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                         checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                         params: SpearParams | None = None, device: torch.device | str = "cpu",
-                        seed: int = 0, deadline: float | None = None,
-                        progress=None) -> SpearResult:
+                        seed: int = 0, deadline: float | None = None, guide: Guide | None = None,
+                        progress: Callable[[int, int, int], None] | None = None) -> SpearResult:
     """Recover the inputs of a linear layer (followed by ReLU) from its gradients.
 
     ``grad_weight`` (m×n) and ``grad_bias`` (m,) are ∂L/∂W and ∂L/∂b of the batch loss.
@@ -28,8 +29,10 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     and the result is verified against the ReLU pattern. Without them, ``checker(X, δ)``
     (per-example inconsistency counts (b,) int64 of a candidate batch) takes the ReLU
     check's place in the selection, and a batch it passes is "consistent"; multi-step
-    updates use :func:`adversary.attacks.spear.replay.replay_checker`. ``deadline`` is a
-    ``time.monotonic()`` value; ``progress(samples, max_samples, directions_found)``.
+    updates use :func:`adversary.attacks.spear.replay.replay_checker`. ``guide``: an
+    approximate batch whose predicted inactive neurons steer part of the draws
+    (:mod:`adversary.attacks.spear.guide`); the uniform search runs alongside, unchanged.
+    ``deadline`` is a ``time.monotonic()`` value; ``progress(directions_found, b, samples)``.
     """
     params = params or SpearParams()
     t0 = time.monotonic()
@@ -42,6 +45,7 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     svals = [float(v) for v in S[: min(len(S), 64)]]
     b = params.batch_size or estimate_batch_size(S, params.rank_tol)
     pool: CandidatePool | None = None
+    sampler: GuidedSampler | None = None
     samples = 0
 
     def result(status, X=None, delta=None, exact=None, endgame=False, bad=None) -> SpearResult:
@@ -49,7 +53,8 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
         return SpearResult(X, delta, b, samples, time.monotonic() - t0, exact, status, svals, items,
                            pool.seen if pool else 0, endgame, None if bad is None else int(bad.sum()),
                            pool.rejected_mixture if pool else 0, pool.rejected_lp if pool else 0,
-                           None if bad is None else bad.nonzero().flatten().tolist())
+                           None if bad is None else bad.nonzero().flatten().tolist(),
+                           sampler.drawn if sampler else 0, int(sampler.covered.sum()) if sampler else None)
 
     if b == 0:
         return result("failed: zero gradient")
@@ -70,6 +75,8 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
             return result("exact" if ok else "inconsistent", X, delta, ok, endgame, bad)
         return result("unverified", X, delta, None, endgame, None)
 
+    if guide is not None and b >= 2:
+        sampler = GuidedSampler(prob, guide, params.guide_draws, seed)
     if b == 1:
         zeros = prob.Lh[:, 0].abs() < params.zero_tol
         c = Candidate(torch.ones(1, dtype=torch.float64), zeros, int(zeros.sum()))
@@ -131,9 +138,15 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                 chosen, (X, delta), bad = last_out
                 return result(status, X, delta, False if relu else None, False, bad)
             return result(status)
+        if sampler is not None and sampler.active().numel():
+            # guided draws first (a separate random stream: the uniform sequence stays as without a guide)
+            drawn = sampler.draw(max(256, 2 ** 23 // b ** 2))
+            samples += len(drawn)
+            pool.offer_rows(drawn, stop_at)
+            sampler.update_covered(pool)
         leaves, rows = search_round(Lh_search, shape, n_roots, prob.search_tol, min_leaf, gen)
         samples += leaves
         pool.offer_rows(search_idx[rows.cpu()], stop_at)
         n_roots = min(2 * n_roots, max_roots)
         if progress is not None:
-            progress(samples, params.max_samples, len(pool.items))
+            progress(min(len(pool.items), b), b, samples)
