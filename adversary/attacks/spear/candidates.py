@@ -108,8 +108,9 @@ def _lp_margin(prob: Problem, zeros_live: torch.Tensor, borderline_live: torch.T
 class CandidatePool:
     """Accepted, deduplicated candidate directions."""
 
-    def __init__(self, prob: Problem, params: SpearParams, use_filter: bool, check_lp: bool):
+    def __init__(self, prob: Problem, params: SpearParams, use_filter: bool, check_lp: bool, extra_zeros: int = 0):
         self.prob = prob
+        self.extra_zeros = extra_zeros  # zeros a sampled null vector needs beyond its b-1 rows
         self.params = params
         self.min_zeros = max(prob.b - 1, math.ceil(params.sparsity_threshold * prob.m_live)) if use_filter else 0
         self.check_lp = check_lp
@@ -157,7 +158,8 @@ class CandidatePool:
 
         Vectorised pre-processing: row sets inside a known zero set only re-find it (counted
         as hits); null vectors by one batched QR; directions already known, not sparse
-        enough, or repeated within the batch are dropped before the per-candidate refit."""
+        enough (also: fewer than ``extra_zeros`` zeros outside the b-1 rows), or repeated
+        within the batch are dropped before the per-candidate refit."""
         prob, b = self.prob, self.prob.b
         if self.items and self.min_zeros > 0:
             # a path inside the zero set of a known direction re-finds it (or is degenerate)
@@ -182,6 +184,8 @@ class CandidatePool:
             if self.min_zeros > 0:
                 zeros = ((q @ prob.Lh.T).abs() < prob.row_noise.clamp(min=prob.search_tol)).sum(1)
                 ok &= zeros >= min(self.min_zeros, prob.m_live) * 0.9
+                if self.extra_zeros:  # the b-1 rows alone are no evidence when b-1 nears τ·m_live
+                    ok &= zeros >= b - 1 + self.extra_zeros
             idx = ok.nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue

@@ -46,12 +46,31 @@ class Guide:
     bias: torch.Tensor
 
 
+def _layer_in_coordinates(prob: Problem, guide: Guide) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W Rᵀ, bias)`` with each neuron's row divided by ‖w_r‖: (m, b), (m,) float64. An input
+    ``x = c R`` of the row space then has ``z_r / ‖w_r‖ = (M c + β)_r``."""
+    W = guide.weight.detach().double().cpu()
+    norms = W.norm(dim=1).clamp_min(1e-300)
+    return (W @ prob.R.T) / norms.unsqueeze(1), guide.bias.detach().double().cpu() / norms
+
+
 def predicted_preactivations(prob: Problem, guide: Guide) -> torch.Tensor:
     """``z̃ / ‖w_r‖`` (b', m) float64 of the guide projected onto the row space of G."""
-    W = guide.weight.detach().double().cpu()
-    x = guide.inputs.detach().double().cpu().flatten(1)
-    x = (x @ prob.R.T) @ prob.R
-    return (x @ W.T + guide.bias.detach().double().cpu()) / W.norm(dim=1).clamp_min(1e-300)
+    M, beta = _layer_in_coordinates(prob, guide)
+    return (guide.inputs.detach().double().cpu().flatten(1) @ prob.R.T) @ M.T + beta
+
+
+def constrained_coordinates(prob: Problem, c: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """The points nearest to ``c`` (b', b) on the set the missing examples' coordinates lie on
+    once the directions ``found`` (b, k) are known: rows ``c_j`` of ``Q⁻¹`` satisfy
+    ``c_j · q_i = 0`` for every other example's direction and ``c_j · s = 1`` (the endgame's
+    constraints, here for any k < b)."""
+    b, k = found.shape
+    basis = torch.linalg.qr(torch.cat([found, torch.eye(b, dtype=found.dtype)], 1))[0][:, k:b]  # (b, b-k)
+    ps = basis.T @ prob.s
+    u = c @ basis  # (b', b-k)
+    u = u + ((1.0 - u @ ps) / (ps @ ps).clamp_min(1e-300)).unsqueeze(1) * ps
+    return u @ basis.T
 
 
 class GuidedSampler:
@@ -59,16 +78,32 @@ class GuidedSampler:
     Gumbel-perturbed ranking above; tracks which examples are covered or spent."""
 
     def __init__(self, prob: Problem, guide: Guide, draws_per_example: int, seed: int):
-        z = predicted_preactivations(prob, guide)[:, prob.live_idx]  # (b', m_live)
-        self.key = -z / z.std(1, keepdim=True).clamp_min(1e-300)  # larger = more surely inactive
+        self.prob = prob
+        M, beta = _layer_in_coordinates(prob, guide)
+        self.M, self.beta = M[prob.live_idx], beta[prob.live_idx]
+        self.coords = guide.inputs.detach().double().cpu().flatten(1) @ prob.R.T  # (b', b)
         self.b = prob.b
-        self.top = self.key.topk(min(prob.b - 1, self.key.shape[1]), dim=1).indices  # (b', b-1)
+        self._rank(self.coords)
         self.draws_per_example = draws_per_example
         self.used = torch.zeros(len(self.key), dtype=torch.long)
         self.covered = torch.zeros(len(self.key), dtype=torch.bool)
         self.per_step = 16  # draws per active example in the next step (doubles per step)
         self.gen = torch.Generator().manual_seed(int(seed) + 0x5EA5)
         self.drawn = 0
+
+    def _rank(self, coords: torch.Tensor) -> None:
+        z = coords @ self.M.T + self.beta  # (b', m_live)
+        self.key = -z / z.std(1, keepdim=True).clamp_min(1e-300)  # larger = more surely inactive
+        self.top = self.key.topk(min(self.b - 1, self.key.shape[1]), dim=1).indices  # (b', b-1)
+
+    def refine(self, found: list[torch.Tensor]) -> None:
+        """Re-rank with each uncovered guide example moved onto the set the missing examples lie on given
+        the directions ``found`` (unit (b,) vectors, at most b − 1; :func:`constrained_coordinates`).
+        The nearer the found directions come to b, the better the prediction of the rest."""
+        if found:
+            coords = self.coords.clone()  # covered examples keep theirs (their own direction is found)
+            coords[~self.covered] = constrained_coordinates(self.prob, coords[~self.covered], torch.stack(found, 1))
+            self._rank(coords)
 
     def active(self) -> torch.Tensor:
         """Guide examples (indices) that still get draws."""

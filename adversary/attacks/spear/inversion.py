@@ -2,6 +2,7 @@
 (rank, search rounds, selection and endgame until the batch checks or the budget runs out)."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -12,7 +13,19 @@ from adversary.attacks.spear.endgame import endgame_directions
 from adversary.attacks.spear.guide import Guide, GuidedSampler
 from adversary.attacks.spear.problem import Candidate, Problem, SpearParams, SpearResult, estimate_batch_size
 from adversary.attacks.spear.search import search_round, tree_shape
-from adversary.attacks.spear.selection import assemble, mismatches, select
+from adversary.attacks.spear.selection import assemble, greedy_independent, mismatches, select
+
+
+def with_twins(pool: CandidatePool, chosen: list[Candidate], share: float = 0.25) -> list[Candidate]:
+    """Members of ``chosen`` whose zero set differs from another pool item's in at most ``share``
+    of its zeros (fewest zeros first): where a spurious mixture sits next to a true direction."""
+    if len(pool.items) < 2:
+        return []
+    Z = torch.stack([c.zeros for c in pool.items], 0).double()  # (k, m_live)
+    dist = Z.sum(1, keepdim=True) + Z.sum(1) - 2 * Z @ Z.T  # Hamming distances
+    dist.fill_diagonal_(math.inf)
+    near = {id(c) for c, d in zip(pool.items, dist.min(1).values.tolist()) if d <= share * c.count}
+    return sorted((c for c in chosen if id(c) in near), key=lambda c: c.count)
 
 
 def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
@@ -64,7 +77,6 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     relu = prob.weight is not None  # ReLU-pattern check, realisability LP and endgame
     check = relu or checker is not None
     use_filter = params.sparsity_threshold > 0
-    pool = CandidatePool(prob, params, use_filter, check_lp=relu)
 
     def finish(chosen, out, bad, endgame) -> SpearResult:
         X, delta = out
@@ -75,6 +87,11 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
             return result("exact" if ok else "inconsistent", X, delta, ok, endgame, bad)
         return result("unverified", X, delta, None, endgame, None)
 
+    # with a guide (made for large b), a sampled null vector must also vanish on τ of the other live
+    # rows: at b = 50 of 256 neurons τ·m_live alone is about b, which any null vector of b − 1 rows
+    # meets, and each such vector cost a refit and an LP (3,000 of them per minute, all junk)
+    extra_zeros = max(3, math.ceil(params.sparsity_threshold * (prob.m_live - b + 1))) if guide is not None else 0
+    pool = CandidatePool(prob, params, use_filter, check_lp=relu, extra_zeros=extra_zeros)
     if guide is not None and b >= 2:
         sampler = GuidedSampler(prob, guide, params.guide_draws, seed)
     if b == 1:
@@ -100,6 +117,21 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     endgame_for: set | None = None  # the directions the endgame last started from
     last_out = None
 
+    def complete(base: list[Candidate]) -> SpearResult | None:
+        """The endgame from ``base`` (again from what it added, while it adds some but not all);
+        the finished result if the completed batch checks."""
+        trial = list(base)
+        while len(trial) < b:
+            extra = endgame_directions(prob, pool, trial)
+            if not extra or len(trial) + len(extra) > b:
+                return None
+            trial += extra
+        o = assemble(prob, trial, params.zero_tol)
+        if o is None:
+            return None
+        tb = mismatches(prob, o, trial)
+        return finish(trial, o, tb, True) if int(tb.sum()) == 0 else None
+
     def pool_state():
         if check:
             return len(pool.items)
@@ -118,15 +150,18 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
             k_max = params.endgame if time.monotonic() - t0 > 2.0 else min(params.endgame, 2)
             if relu and 1 <= k <= k_max and {id(c) for c in chosen} != endgame_for:
                 endgame_for = {id(c) for c in chosen}
-                extra = endgame_directions(prob, pool, chosen)
-                if len(extra) == k:
-                    trial = chosen + extra
-                    o = assemble(prob, trial, params.zero_tol)
-                    if o is not None:
-                        tb = mismatches(prob, o, trial)
-                        if int(tb.sum()) == 0:
-                            return finish(trial, o, tb, True)
+                done = complete(chosen)
+                if done is not None:
+                    return done
                 examined = pool_state()
+            if sampler is not None and relu:
+                # large b: near-duplicate photos leave realisable mixtures next to their true direction,
+                # and the greedy choice may take one; retry the endgame without each such member
+                for c in with_twins(pool, chosen):
+                    rest = [x for x in chosen if x is not c]
+                    done = complete(rest) if 1 <= b - len(rest) <= k_max else None
+                    if done is not None:
+                        return done
         exhausted = None
         if samples >= params.max_samples:
             exhausted = "samples"
@@ -142,8 +177,11 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
             # guided draws first (a separate random stream: the uniform sequence stays as without a guide)
             drawn = sampler.draw(max(256, 2 ** 23 // b ** 2))
             samples += len(drawn)
+            before = len(pool.items)
             pool.offer_rows(drawn, stop_at)
-            sampler.update_covered(pool)
+            if len(pool.items) != before:
+                sampler.update_covered(pool)
+                sampler.refine([c.q for c in greedy_independent(sorted(pool.items, key=lambda c: -c.count), b - 1)])
         leaves, rows = search_round(Lh_search, shape, n_roots, prob.search_tol, min_leaf, gen)
         samples += leaves
         pool.offer_rows(search_idx[rows.cpu()], stop_at)

@@ -29,7 +29,7 @@ class SpearParams:
     refine_lr: float = field(default=0.01, metadata={"gt": 0.0, "doc": "Adam step size of the refinement (signed steps; small: the start is close)"})
     refine_tv_weight: float = field(default=0.0, metadata={"min": 0.0, "doc": "TV prior of the refinement (Geiping uses 0.01 from random images; SPEAR's start needs none)"})
     guide: str = field(default="none", metadata={"choices": ("none", "geiping", "previous"), "doc": "what supplies an approximate batch whose predicted inactive neurons guide the sampling: none (uniform search only), geiping (a Geiping run on the same update, guide_iterations steps), previous (the server's earlier reconstruction of this client, Observation.prior)"})
-    guide_iterations: int = field(default=1000, metadata={"min": 1, "doc": "Geiping steps of the guide (guide = geiping); they count against the attack's deadline"})
+    guide_iterations: int = field(default=500, metadata={"min": 1, "doc": "Geiping steps of the guide (guide = geiping); they count against the attack's deadline"})
     guide_draws: int = field(default=8192, metadata={"min": 1, "doc": "guided submatrices per guide example at most (bounds what a useless guide costs on top of the uniform search)"})
 
 

@@ -43,6 +43,19 @@ def mismatches(prob: Problem, out: tuple[torch.Tensor, torch.Tensor], chosen: li
     return bad.sum(1)
 
 
+def greedy_independent(items: list[Candidate], b: int) -> list[Candidate]:
+    """Up to ``b`` of ``items``, in their order, each linearly independent of those before it."""
+    chosen: list[Candidate] = []
+    for c in items:
+        trial = chosen + [c]
+        sv = torch.linalg.svdvals(torch.stack([t.q for t in trial], 1))
+        if float(sv[-1]) > 1e-6:
+            chosen = trial
+        if len(chosen) == b:
+            break
+    return chosen
+
+
 def select(prob: Problem, pool: CandidatePool, check: bool, stop_at: float = math.inf):
     """Two-stage greedy: most zeros first while independent; then swaps that fix the check
     (the ReLU pattern, or the problem's checker), until ``stop_at``.
@@ -53,15 +66,7 @@ def select(prob: Problem, pool: CandidatePool, check: bool, stop_at: float = mat
     items = sorted(pool.items, key=lambda c: -c.count)
     if not check and pool.min_zeros > 0:
         items = [c for c in items if c.hits >= 2]
-    chosen: list[Candidate] = []
-    for c in items:
-        trial = chosen + [c]
-        M = torch.stack([t.q for t in trial], 1)
-        sv = torch.linalg.svdvals(M)
-        if float(sv[-1]) > 1e-6:
-            chosen = trial
-        if len(chosen) == prob.b:
-            break
+    chosen = greedy_independent(items, prob.b)
     if len(chosen) < prob.b:
         return chosen, None, None
     out = assemble(prob, chosen, pool.params.zero_tol)
