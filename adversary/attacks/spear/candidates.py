@@ -78,19 +78,39 @@ def _single_row_support(prob: Problem, q: torch.Tensor, zeros: torch.Tensor, zer
     return bool((torch.linalg.eigvalsh(down)[:, 0] <= slack).any())
 
 
-def _lp_margin(prob: Problem, zeros_live: torch.Tensor, borderline_live: torch.Tensor) -> float:
+def _lp_margin(prob: Problem, zeros_live: torch.Tensor, borderline_live: torch.Tensor, free_zeros: int = 0) -> float:
     """Largest margin t such that some input x = c R is inactive exactly on the zero set.
 
     Rows: live rows in the zero set and dead rows (inactive for the whole batch) need
     (M c + bias)_r <= -t |(M_r, bias_r)|, the other live rows >= +t |...|. t <= 1.
-    Borderline live rows (:func:`borderline`) are left out.
+    Borderline live rows (:func:`borderline`) are left out. ``free_zeros`` > 0: when that
+    fails, the zero rows an L1-relaxed LP needs most slack on (at most ``free_zeros``) may be
+    active instead: ReLU only says an inactive neuron has δ = 0, and an active one whose
+    gradient entry falls below the noise floor looks the same.
     """
-    from scipy.optimize import linprog
-
     inactive = torch.ones(prob.m, dtype=torch.bool)
     inactive[prob.live_idx] = zeros_live
     judged = ~prob.uncertain
     judged[prob.live_idx] &= ~borderline_live
+    margin, _ = _solve_margin(prob, inactive, judged)
+    if margin >= -1e-3 or free_zeros == 0:
+        return margin
+    _, slack = _solve_margin(prob, inactive, judged, relaxed=True)
+    if slack is None:
+        return margin
+    worst = slack.argsort(descending=True)[:free_zeros]
+    worst = worst[slack[worst] > 1e-9]
+    rows = (judged & inactive).nonzero().squeeze(1)[worst]
+    judged[rows] = False
+    return _solve_margin(prob, inactive, judged)[0]
+
+
+def _solve_margin(prob: Problem, inactive: torch.Tensor, judged: torch.Tensor,
+                  relaxed: bool = False) -> tuple[float, torch.Tensor | None]:
+    """The LP of :func:`_lp_margin` on the ``judged`` rows; ``relaxed``: each inactive row gets a
+    slack s_r >= 0 and the margin is held at 1e-3 while Σ s_r is minimised: the slack lands on the rows that forbid any positive margin; returns (t, the slacks of the judged inactive rows)."""
+    from scipy.optimize import linprog
+
     sign = torch.where(inactive, 1.0, -1.0).double()[judged]  # constraint: sign*(Mc + beta) + t*norm <= 0
     M, beta = prob.M[judged], prob.beta[judged]
     scale = torch.cat([M, beta.unsqueeze(1)], 1).norm(dim=1).clamp_min(1e-300)
@@ -99,10 +119,18 @@ def _lp_margin(prob: Problem, zeros_live: torch.Tensor, borderline_live: torch.T
     cost = np.zeros(prob.b + 1)
     cost[-1] = -1.0
     bounds = [(None, None)] * prob.b + [(None, 1.0)]
+    soft = (sign > 0).nonzero().squeeze(1)
+    if relaxed:
+        S = torch.zeros(len(M), len(soft), dtype=torch.float64)
+        S[soft, torch.arange(len(soft))] = -1.0
+        A_ub = torch.cat([A_ub, S], 1)
+        cost = np.concatenate([np.zeros(prob.b + 1), np.ones(len(soft))])
+        bounds = [(None, None)] * prob.b + [(1e-3, 1.0)] + [(0.0, None)] * len(soft)
     res = linprog(cost, A_ub=A_ub.numpy(), b_ub=b_ub.numpy(), bounds=bounds, method="highs")
     if res.status != 0:
-        return -math.inf
-    return float(res.x[-1])
+        return -math.inf, None
+    slack = torch.from_numpy(res.x[prob.b + 1:]) if relaxed else None
+    return float(res.x[prob.b]), slack
 
 
 class CandidatePool:
@@ -145,7 +173,8 @@ class CandidatePool:
             return None
         margin = None
         if self.check_lp:
-            margin = _lp_margin(self.prob, zeros, borderline(self.prob, q, self.params.zero_tol))
+            margin = _lp_margin(self.prob, zeros, borderline(self.prob, q, self.params.zero_tol),
+                                self.params.active_zeros)
             if margin < -1e-3:  # measured: true patterns reach the cap (1), mixtures -0.1 .. -0.35
                 self.rejected_lp += 1
                 return None

@@ -146,8 +146,11 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                 if not check or int(bad.sum()) == 0:
                     return finish(chosen, out, bad, False)
             k = b - len(chosen)
-            # k = 3 sweeps ~m² cells (~0.5 s at m = 256): only once sampling has become slow
+            # k = 3 sweeps ~m² cells (~0.5 s at m = 256): only once sampling has become slow, and
+            # not where its Cholesky sweep (~m_live·m·b³) grows past ~4·b=25 (b = 100 of 1024: 1000x)
             k_max = params.endgame if time.monotonic() - t0 > 2.0 else min(params.endgame, 2)
+            if prob.m_live * prob.m * b ** 3 > 4e9:
+                k_max = min(k_max, 2)
             if relu and 1 <= k <= k_max and {id(c) for c in chosen} != endgame_for:
                 endgame_for = {id(c) for c in chosen}
                 done = complete(chosen)
@@ -157,8 +160,9 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
             if sampler is not None and relu:
                 # large b: near-duplicate photos leave realisable mixtures next to their true direction,
                 # and the greedy choice may take one; retry the endgame without each such member
-                for c in with_twins(pool, chosen):
-                    rest = [x for x in chosen if x is not c]
+                # likewise without the directions of the examples the check flagged
+                flagged = [] if bad is None else [[c for c, v in zip(chosen, bad.tolist()) if v == 0]]
+                for rest in flagged + [[x for x in chosen if x is not c] for c in with_twins(pool, chosen)]:
                     done = complete(rest) if 1 <= b - len(rest) <= k_max else None
                     if done is not None:
                         return done
