@@ -31,8 +31,9 @@ also records, from the ground truth (evaluation only), the guide's PSNR, the sig
 its predicted pre-activations, and the hit rate of guided draws (share of 1,000 draws per guide
 example whose b − 1 rows all lie inside some example's true zero set):
 
-    python benchmarks/spear.py --guided --sizes 25 --batches 10 --budget 120 --out spear_guided.json
-    python benchmarks/spear.py --guided --sizes 100 --hidden 1024 --batches 3 --budget 1200
+    python benchmarks/spear.py --guided --sizes 25 --batches 10 --budget 120 --out spear_guided_b25.json
+    python benchmarks/spear.py --guided --sizes 50 --batches 3 --budget 600 --out spear_guided_b50.json
+    python benchmarks/spear.py --guided --sizes 100 --hidden 1024 --batches 1 --budget 900 --out spear_guided_b100.json
 
 ``--features`` runs SPEAR as a seed for images on a conv model's head
 (``scenarios/spear_convnet_features.toml``) against Geiping; ``--spear-only`` skips the
@@ -295,7 +296,7 @@ def guided_table(summary: list[dict], budget: float) -> str:
     lines = ["| b | hidden | exact | median s (guide s) | max s | guide PSNR dB | sign accuracy p | guided-draw hit rate: median (min) example | uniform draw: b 2^-(b-1) | median samples (guided) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['b']} | {s['hidden']} | {s['exact']}/{s['batches']} | {s['median_s']:.1f} ({s['guide_seconds']:.1f}) | "
+        lines.append(f"| {s['b']} | {int(s['hidden'])} | {s['exact']}/{s['batches']} | {s['median_s']:.1f} ({s['guide_seconds']:.1f}) | "
                      f"{s['max_s']:.1f} | {s['guide_psnr']:.1f} | {s['sign_accuracy']:.3f} | {s['hit_rate_median']:.2g} "
                      f"({s['hit_rate_min']:.2g}) | {s['b'] * 0.5 ** (s['b'] - 1):.2g} | {s['median_samples']:.3g} "
                      f"({s['guided_samples']:.3g}) |")
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[8, 16, 20, 25], help="FedSGD batch sizes (none: skip)")
     ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + batches - 1")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds per batch")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: with other jobs on the cores, more threads are much slower)")
     ap.add_argument("--guided", action="store_true", help="FedSGD sizes with a Geiping guide (guide = 'geiping')")
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes:
         splits = load_data(DataSpec(), 0)
     for b in args.sizes:
-        for seed in range(args.batches):
+        for seed in range(args.first_seed, args.first_seed + args.batches):
             if args.guided:
                 r = guided_batch(splits, b, seed, args.budget, args.hidden, args.guide_iterations, args.active_zeros,
                                  args.device)
