@@ -27,7 +27,9 @@ class Observation:
     ``training`` is the round's public local-training config, ``lr`` already set to this
     round's learning rate. ``num_examples`` is what the client reported (None if not).
     ``defense`` is set only when the scenario says the attacker knows it; ``labels`` only
-    when the scenario grants true labels (ablation).
+    when the scenario grants true labels (ablation). ``prior`` (b', C, H, W), normalised: what
+    the server itself reconstructed of this client in an earlier round, if anything (SPEAR's
+    ``guide = "previous"``).
     """
 
     server_round: int
@@ -41,6 +43,7 @@ class Observation:
     num_steps: int
     defense: DefenseSpec | None = None
     labels: torch.Tensor | None = None
+    prior: torch.Tensor | None = None
 
     @property
     def num_distinct_examples(self) -> int:

@@ -24,6 +24,17 @@ unrolled-training objective, and Geiping with unrolling, on the same updates, pe
     python benchmarks/spear.py --sizes --fedavg --lrs 0.01 0.1 --clients 8 --geiping-iterations 1000
     python benchmarks/spear.py --sizes --fedavg --batch-size 4 --lrs 0.01 0.1 --clients 4 --geiping-iterations 1000
 
+``--guided`` runs the prior-guided search instead (``guide = "geiping"``): the same batches
+through an MLP 3072 -> ``--hidden`` -> 10, a FedSGD observation (Δ = −lr·∇, lr 0.1), Geiping
+(``--guide-iterations``) on it for the guide, then SPEAR with the rest of ``--budget``. Each run
+also records, from the ground truth (evaluation only), the guide's PSNR, the sign accuracy p of
+its predicted pre-activations, and the hit rate of guided draws (share of 1,000 draws per guide
+example whose b − 1 rows all lie inside some example's true zero set):
+
+    python benchmarks/spear.py --guided --sizes 25 --batches 10 --budget 120 --out spear_guided_b25.json
+    python benchmarks/spear.py --guided --sizes 50 --batches 3 --budget 600 --out spear_guided_b50.json
+    python benchmarks/spear.py --guided --sizes 100 --hidden 1024 --batches 1 --budget 900 --out spear_guided_b100.json
+
 ``--features`` runs SPEAR as a seed for images on a conv model's head
 (``scenarios/spear_convnet_features.toml``) against Geiping; ``--spear-only`` skips the
 baselines in both modes.
@@ -38,6 +49,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,12 +62,18 @@ from scipy.special import gammaln
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from adversary.attacks.base import AttackContext  # noqa: E402
 from adversary.attacks.spear import SpearParams, spear_invert_linear  # noqa: E402
+from adversary.attacks.spear.attack import guide_images  # noqa: E402
+from adversary.attacks.spear.guide import Guide, GuidedSampler, predicted_preactivations  # noqa: E402
+from adversary.attacks.spear.problem import Problem  # noqa: E402
+from adversary.observation import Observation  # noqa: E402
+from adversary.scoring.metrics import psnr  # noqa: E402
 from adversary.runtime.execution import plan_jobs, run_job  # noqa: E402
 from adversary.runtime.registry import resolve_attack_params  # noqa: E402
 from fedsim.data import load_data  # noqa: E402
 from fedsim.models import MLP  # noqa: E402
-from fedsim.scenario import DataSpec, Scenario  # noqa: E402
+from fedsim.scenario import DataSpec, ModelSpec, Scenario, TrainingSpec  # noqa: E402
 from fedsim.run.single_shot import observe_first_update  # noqa: E402
 from fedsim.run.preparation import validate_scenario  # noqa: E402
 
@@ -108,6 +126,74 @@ def one_batch(pool_x, pool_y, b: int, seed: int, budget: float, device: str = "c
             "exact_verified": bool(res.status == "exact" and err <= EXACT_TOL),
             "uniform_expected_samples": uniform_expectation(zero_counts, live, b),
             "min_zero_fraction": min(zero_counts) / live}
+
+
+def fedsgd_observation(model: MLP, hidden: int, x: torch.Tensor, y: torch.Tensor, domain,
+                       lr: float = 0.1) -> Observation:
+    """What the server sees of one FedSGD step of ``model`` on (x, y): Δ = −lr·∇ (float32)."""
+    names = [k for k, _ in model.named_parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    update = {k: (-lr * g).detach() for k, g in zip(names, grads)}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Observation(1, 0, ModelSpec(name="mlp", hidden=(hidden,)), domain, state, update,
+                       TrainingSpec(batch_size=len(x), max_steps=1, lr=lr, shuffle=False), len(x), 1)
+
+
+def guide_quality(x: torch.Tensor, guide: Guide, gw: torch.Tensor, gb: torch.Tensor, params: SpearParams,
+                  domain, draws: int = 1000) -> dict:
+    """Evaluation only (ground truth ``x``): the guide's median PSNR and the sign accuracy p of its
+    predicted pre-activations (guide matched to the truth, live neurons), and the hit rate of
+    ``draws`` guided draws per guide example (all b − 1 rows inside some true zero set)."""
+    b = len(x)
+    G = gw.double()
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    prob = Problem(G, gb, b, guide.weight, guide.bias, U, S, Vh, params)
+    truth = x.double().flatten(1)
+    rows, cols = linear_sum_assignment(torch.cdist(guide.inputs.double().flatten(1), truth).numpy())
+    W, bias = guide.weight.double(), guide.bias.double()
+    z_true = (truth @ W.T + bias)[:, prob.live_idx]  # (b, m_live)
+    z_pred = predicted_preactivations(prob, guide)[:, prob.live_idx]
+    p = float(((z_pred[rows] <= 0) == (z_true[cols] <= 0)).double().mean())
+    guide_img = guide.inputs.reshape(-1, *x.shape[1:]).float()
+    guide_psnr = float(psnr(domain.to_unit(guide_img[rows]), domain.to_unit(x[cols])).median())
+    sampler = GuidedSampler(prob, guide, draws, seed=0)
+    inactive = (z_true <= 0).double()  # (b, m_live)
+    hit_rates = []
+    for j in range(len(guide.inputs)):
+        drawn = sampler.sample(torch.full((draws,), j, dtype=torch.long))  # (draws, b-1)
+        inside = (inactive[:, drawn].sum(2) >= b - 1).any(0)  # inside some Z_i
+        hit_rates.append(float(inside.double().mean()))
+    hr = torch.tensor(hit_rates)
+    return {"guide_psnr": guide_psnr, "sign_accuracy": p, "hit_rate_median": float(hr.median()),
+            "hit_rate_min": float(hr.min()), "examples_with_hits": int((hr > 0).sum()),
+            "uniform_hit_rate_half_rule": b * 0.5 ** (b - 1)}
+
+
+def guided_batch(splits, b: int, seed: int, budget: float, hidden: int, guide_iterations: int,
+                 active_zeros: int, device: str = "cpu") -> dict:
+    """The batch of ``one_batch`` (same photos, same seed) through MLP 3072 -> hidden -> 10,
+    inverted with a Geiping guide; the guide's time counts against ``budget``."""
+    idx = torch.randperm(len(splits.train_x), generator=torch.Generator().manual_seed(seed))[:b]
+    x, y = splits.train_x[idx], splits.train_y[idx]
+    torch.manual_seed(seed)
+    model = MLP(3 * 32 * 32, 10, (hidden,))
+    layer = model.layers[0]
+    obs = fedsgd_observation(model, hidden, x, y, splits.domain)
+    params = SpearParams(guide="geiping", guide_iterations=guide_iterations, time_budget_s=budget,
+                         active_zeros=active_zeros)
+    started = time.monotonic()
+    images, note = guide_images(obs, params, AttackContext(seed=seed, deadline=started + budget))
+    guide = Guide(images.flatten(1), layer.weight.detach(), layer.bias.detach())
+    gw, gb = -obs.update["layers.0.weight"] / 0.1, -obs.update["layers.0.bias"] / 0.1
+    left = max(1.0, budget - (time.monotonic() - started))
+    res = spear_invert_linear(gw, gb, weight=layer.weight.detach(), bias=layer.bias.detach(), seed=seed,
+                              params=replace(params, time_budget_s=left), device=device, guide=guide)
+    seconds = time.monotonic() - started
+    err = matched_error(res.X, x)
+    return {"b": b, "seed": seed, "hidden": hidden, **res.summary(), **note, "seconds": round(seconds, 3),
+            "search_seconds": round(res.seconds, 3), "max_abs_error": err if math.isfinite(err) else None,
+            "exact_verified": bool(res.status == "exact" and err <= EXACT_TOL),
+            **guide_quality(x, guide, gw, gb, params, splits.domain)}
 
 
 def compare_on_clients(scenario: Scenario, params: dict, clients: int, device: str, tags: dict,
@@ -185,16 +271,37 @@ def summarise(runs: list[dict], batches: int) -> list[dict]:
     for b in sorted({r["b"] for r in runs}):
         rs = [r for r in runs if r["b"] == b]
         secs = [r["seconds"] for r in rs]
-        out.append({
+        row = {
             "b": b, "batches": len(rs), "exact": sum(r["exact_verified"] for r in rs),
             "median_s": statistics.median(secs), "max_s": max(secs),
             "median_samples": statistics.median(r["samples"] for r in rs),
-            "median_uniform_expected": statistics.median(r["uniform_expected_samples"] for r in rs),
             "half_rule_expected": half_rule_expectation(b),
             "endgame_used": sum(bool(r["endgame_used"]) for r in rs),
             "worst_error_exact": max((r["max_abs_error"] for r in rs if r["exact_verified"]), default=None),
-        })
+        }
+        if "guide" in rs[0]:
+            row.update({key: statistics.median(r[key] for r in rs) for key in GUIDE_KEYS})
+            row["median_s_exact"] = statistics.median([r["seconds"] for r in rs if r["exact_verified"]] or [math.nan])
+        else:
+            row["median_uniform_expected"] = statistics.median(r["uniform_expected_samples"] for r in rs)
+        out.append(row)
     return out
+
+
+GUIDE_KEYS = ("hidden", "guide_seconds", "guide_psnr", "sign_accuracy", "hit_rate_median", "hit_rate_min",
+              "guided_samples", "directions_found")
+
+
+def guided_table(summary: list[dict], budget: float) -> str:
+    lines = ["| b | hidden | exact | median s (guide s) | max s | guide PSNR dB | sign accuracy p | guided-draw hit rate: median (min) example | uniform draw: b 2^-(b-1) | median samples (guided) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['b']} | {int(s['hidden'])} | {s['exact']}/{s['batches']} | {s['median_s']:.1f} ({s['guide_seconds']:.1f}) | "
+                     f"{s['max_s']:.1f} | {s['guide_psnr']:.1f} | {s['sign_accuracy']:.3f} | {s['hit_rate_median']:.2g} "
+                     f"({s['hit_rate_min']:.2g}) | {s['b'] * 0.5 ** (s['b'] - 1):.2g} | {s['median_samples']:.3g} "
+                     f"({s['guided_samples']:.3g}) |")
+    lines.append(f"\nBudget {budget:.0f} s per batch including the guide (medians over batches); a failed batch counts with the time it used.")
+    return "\n".join(lines)
 
 
 def table(summary: list[dict], budget: float) -> str:
@@ -212,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[8, 16, 20, 25], help="FedSGD batch sizes (none: skip)")
     ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + batches - 1")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds per batch")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: with other jobs on the cores, more threads are much slower)")
+    ap.add_argument("--guided", action="store_true", help="FedSGD sizes with a Geiping guide (guide = 'geiping')")
+    ap.add_argument("--hidden", type=int, default=256, help="guided: hidden width of the MLP (b must stay below it)")
+    ap.add_argument("--guide-iterations", type=int, default=500, help="guided: Geiping steps of the guide")
+    ap.add_argument("--active-zeros", type=int, default=2, help="guided: SpearParams.active_zeros")
     ap.add_argument("--fedavg", action="store_true", help="also run the FedAvg sweep (scenarios/spear_fedavg.toml)")
     ap.add_argument("--fedavg-scenario", type=Path, default=ROOT / "scenarios" / "spear_fedavg.toml")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10], help="FedAvg: local steps K (full-batch epochs)")
@@ -234,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                "note": "shared machine: other jobs ran concurrently, timings are indicative"}
     runs: list[dict] = []
     fed: list[dict] = []
-    report = {"machine": machine, "setting": "MLP 3x32x32-256-ReLU-10, default init, FedSGD, batch-mean CE, embedded photos",
+    setting = (f"MLP 3x32x32-{args.hidden}-ReLU-10, default init, FedSGD (lr 0.1), batch-mean CE, embedded photos, "
+               f"guide: Geiping {args.guide_iterations} steps, active_zeros {args.active_zeros}" if args.guided else
+               "MLP 3x32x32-256-ReLU-10, default init, FedSGD, batch-mean CE, embedded photos")
+    report = {"machine": machine, "setting": setting,
               "budget_s": args.budget, "runs": runs, "fedavg": fed}
 
     def save() -> None:
@@ -245,11 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes:
         splits = load_data(DataSpec(), 0)
     for b in args.sizes:
-        for seed in range(args.batches):
-            r = one_batch(splits.train_x, splits.train_y, b, seed, args.budget, args.device)
+        for seed in range(args.first_seed, args.first_seed + args.batches):
+            if args.guided:
+                r = guided_batch(splits, b, seed, args.budget, args.hidden, args.guide_iterations, args.active_zeros,
+                                 args.device)
+            else:
+                r = one_batch(splits.train_x, splits.train_y, b, seed, args.budget, args.device)
             runs.append(r)
+            guided = (f" guide {r['guide_seconds']:.1f}s PSNR {r['guide_psnr']:.1f} p={r['sign_accuracy']:.3f} "
+                      f"hits {r['hit_rate_median']:.3g} (min {r['hit_rate_min']:.2g}) guided={r['guided_samples']:.3g} "
+                      f"found={r['directions_found']}" if args.guided else "")
             print(f"b={b} seed={seed}: {r['status']} {r['seconds']:.1f}s samples={r['samples']:.3g} "
-                  f"err={r['max_abs_error']}", flush=True)
+                  f"err={r['max_abs_error']}{guided}", flush=True)
             save()
     def on_record(row: dict) -> None:
         fed.append(row)
@@ -274,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
     if runs:
         print()
-        print(table(summarise(runs, args.batches), args.budget))
+        print((guided_table if args.guided else table)(summarise(runs, args.batches), args.budget))
         print(f"\nMachine: {machine['cpus']} CPUs, torch threads {machine['torch_threads']}, {machine['platform']}; {machine['note']}.")
     for name in dict.fromkeys(r["scenario"] for r in fed):
         rows = [r for r in fed if r["scenario"] == name]

@@ -63,7 +63,19 @@ Endgame (needs the layer's weights): the rows ``c_i`` of ``Q⁻¹`` satisfy ``c_
 ``M c_j + b`` with ``M = W Rᵀ``. Along the line the activation pattern changes at m
 break points; the true ``c_j`` are in the intervals whose inactive rows make ``L_Z``
 rank-deficient. This finds the hardest (least sparse) directions in milliseconds, where
-sampling would spend about two thirds of its time on the last two.
+sampling would spend about two thirds of its time on the last two. The k = 3 sweep costs
+about m_live·m·b³ and is skipped beyond 4·10⁹ (b = 100 of 1024 neurons).
+
+Guided sampling (large b)
+-------------------------
+An approximate batch X̃ (a Geiping run on the same update, or the server's earlier
+reconstruction of the client, ``Observation.prior``) predicts each example's pre-activations;
+``guide`` ranks each guide example's live rows by how surely they are inactive and draws b − 1
+of the best after Gumbel noise, interleaved with the unchanged uniform tree (own random stream,
+at most ``guide_draws`` per example). Found directions constrain the missing examples'
+coordinates (``c·q_i = 0``, ``c·s = 1``, as in the endgame), so the guide is re-ranked from the
+projection of X̃ onto that set as directions come in. ``active_zeros``: zero rows that may be
+active neurons with a gradient entry below the noise floor (LP and ReLU check forgive them).
 
 FedAvg (several local steps)
 ----------------------------
@@ -84,7 +96,7 @@ Modules
 ``problem`` (parameters, result, rank estimate, the factored problem and its zero tests),
 ``candidates`` (refit, mixture test, LP margin, the candidate pool), ``search`` (the search
 tree), ``endgame``, ``selection`` (assembly, check, greedy selection), ``inversion``
-(:func:`spear_invert_linear`), ``attack`` (the registered attack :func:`run`, name
+(:func:`spear_invert_linear`), ``guide`` (the guided sampler), ``attack`` (the registered attack :func:`run`, name
 ``"spear"``), ``labels`` (:func:`slot_labels`), ``replay`` (the replay check) and ``images``
 (images from feature-space results and the refinement with the unrolled objective).
 """

@@ -2,15 +2,18 @@
 then labels and (optionally) images from its result."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from adversary.maths.matching import BN_WEIGHT, TV_WEIGHT, num_examples
 from adversary.observation import Observation, Reconstruction, global_model
+from adversary.attacks import geiping
 from adversary.attacks.base import Attack, AttackContext
 from adversary.maths.unroll import observed_gradient
+from adversary.attacks.spear.guide import Guide
 from adversary.attacks.spear.images import fit_images_to_features, refine_images
 from adversary.attacks.spear.inversion import spear_invert_linear
 from adversary.attacks.spear.labels import slot_labels
@@ -57,10 +60,44 @@ class LayerInversion:
     gradient: torch.Tensor | None  # the ∂L/∂W estimate that was inverted
     model: nn.Module  # the architecture holding θ_t
     status: str = ""
+    guide: dict = field(default_factory=dict)  # where the guide came from, its cost
+
+
+def guide_images(obs: Observation, params: SpearParams, ctx: AttackContext) -> tuple[torch.Tensor | None, dict]:
+    """The approximate batch (b', C, H, W) that ``params.guide`` names, normalised, and a note
+    on it (source, seconds, Geiping steps): a Geiping run on ``obs`` itself (its steps count
+    against the deadline), or ``obs.prior``; (None, note) for "none" or a missing prior."""
+    if params.guide == "none":
+        return None, {}
+    if params.guide == "previous":
+        if obs.prior is None:
+            return None, {"guide": "previous", "guide_status": "no earlier reconstruction of this client"}
+        return obs.prior, {"guide": "previous", "guide_examples": len(obs.prior)}
+    started = time.monotonic()
+    rec = geiping.run(obs, geiping.GeipingParams(iterations=params.guide_iterations), ctx)
+    return rec.inputs, {"guide": "geiping", "guide_iterations": rec.iterations,
+                        "guide_seconds": round(time.monotonic() - started, 3)}
+
+
+def layer_inputs(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The input (b', n) of ``layer`` when ``model`` (train mode, the whole batch, as the client
+    ran it) sees ``images`` (b', C, H, W)."""
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda _mod, args: captured.append(args[0].detach()))
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            model(images.float())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return captured[0].flatten(1)
 
 
 def invert_observation(obs: Observation, params: SpearParams, ctx: AttackContext) -> LayerInversion:
-    """Run SPEAR on the layer ``params.layer`` (default: the first linear layer) of ``obs``."""
+    """Run SPEAR on the layer ``params.layer`` (default: the first linear layer) of ``obs``,
+    guided by ``params.guide`` (:func:`guide_images`) when it names one."""
     shape = tuple(obs.domain.shape)
     model = global_model(obs)
     name, layer = find_linear(model, params.layer)
@@ -73,9 +110,11 @@ def invert_observation(obs: Observation, params: SpearParams, ctx: AttackContext
                               "failed: the layer has no bias (SPEAR fixes the scales from the bias gradient)")
     weight = obs.global_state[f"{name}.weight"]
     bias = obs.global_state[f"{name}.bias"]
+    images, note = guide_images(obs, params, ctx)
+    guide = None if images is None else Guide(layer_inputs(model, layer, images), weight, bias)
 
-    def progress(samples: int, total: int, found: int) -> None:
-        ctx.report(samples, total, float(found))
+    def progress(found: int, b: int, samples: int) -> None:
+        ctx.report(found, b, float(samples))  # the bar: directions found / b
 
     # Σ_j a_j g_j of the layer; for FedSGD the gradient itself up to a common factor, which X ignores
     grads = observed_gradient(obs, [f"{name}.weight", f"{name}.bias"])
@@ -85,9 +124,9 @@ def invert_observation(obs: Observation, params: SpearParams, ctx: AttackContext
     replay = not one_step and image_space and obs.training.batch_size >= obs.num_distinct_examples
     res = spear_invert_linear(gw, gb, weight=weight if one_step else None, bias=bias if one_step else None,
                               checker=replay_checker(obs, model, name) if replay else None, params=params,
-                              device=ctx.device, seed=ctx.seed, deadline=ctx.deadline,
+                              device=ctx.device, seed=ctx.seed, deadline=ctx.deadline, guide=guide,
                               progress=progress)
-    return LayerInversion(name, res, image_space, gw, model, res.status)
+    return LayerInversion(name, res, image_space, gw, model, res.status, note)
 
 
 def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruction:
@@ -110,6 +149,7 @@ def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruc
         extras["status"] = inv.status
         return Reconstruction(inputs, None, 0, float("nan"), extras)
     extras.update(res.summary())
+    extras.update(inv.guide)
     if res.X is None:  # not even an inconsistent batch of b directions
         return Reconstruction(inputs, None, res.samples, float("nan"), extras)
     G = inv.gradient.double()

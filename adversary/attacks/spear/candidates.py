@@ -78,19 +78,39 @@ def _single_row_support(prob: Problem, q: torch.Tensor, zeros: torch.Tensor, zer
     return bool((torch.linalg.eigvalsh(down)[:, 0] <= slack).any())
 
 
-def _lp_margin(prob: Problem, zeros_live: torch.Tensor, borderline_live: torch.Tensor) -> float:
+def _lp_margin(prob: Problem, zeros_live: torch.Tensor, borderline_live: torch.Tensor, free_zeros: int = 0) -> float:
     """Largest margin t such that some input x = c R is inactive exactly on the zero set.
 
     Rows: live rows in the zero set and dead rows (inactive for the whole batch) need
     (M c + bias)_r <= -t |(M_r, bias_r)|, the other live rows >= +t |...|. t <= 1.
-    Borderline live rows (:func:`borderline`) are left out.
+    Borderline live rows (:func:`borderline`) are left out. ``free_zeros`` > 0: when that
+    fails, the zero rows an L1-relaxed LP needs most slack on (at most ``free_zeros``) may be
+    active instead: ReLU only says an inactive neuron has δ = 0, and an active one whose
+    gradient entry falls below the noise floor looks the same.
     """
-    from scipy.optimize import linprog
-
     inactive = torch.ones(prob.m, dtype=torch.bool)
     inactive[prob.live_idx] = zeros_live
     judged = ~prob.uncertain
     judged[prob.live_idx] &= ~borderline_live
+    margin, _ = _solve_margin(prob, inactive, judged)
+    if margin >= -1e-3 or free_zeros == 0:
+        return margin
+    _, slack = _solve_margin(prob, inactive, judged, relaxed=True)
+    if slack is None:
+        return margin
+    worst = slack.argsort(descending=True)[:free_zeros]
+    worst = worst[slack[worst] > 1e-9]
+    rows = (judged & inactive).nonzero().squeeze(1)[worst]
+    judged[rows] = False
+    return _solve_margin(prob, inactive, judged)[0]
+
+
+def _solve_margin(prob: Problem, inactive: torch.Tensor, judged: torch.Tensor,
+                  relaxed: bool = False) -> tuple[float, torch.Tensor | None]:
+    """The LP of :func:`_lp_margin` on the ``judged`` rows; ``relaxed``: each inactive row gets a
+    slack s_r >= 0 and the margin is held at 1e-3 while Σ s_r is minimised: the slack lands on the rows that forbid any positive margin; returns (t, the slacks of the judged inactive rows)."""
+    from scipy.optimize import linprog
+
     sign = torch.where(inactive, 1.0, -1.0).double()[judged]  # constraint: sign*(Mc + beta) + t*norm <= 0
     M, beta = prob.M[judged], prob.beta[judged]
     scale = torch.cat([M, beta.unsqueeze(1)], 1).norm(dim=1).clamp_min(1e-300)
@@ -99,17 +119,26 @@ def _lp_margin(prob: Problem, zeros_live: torch.Tensor, borderline_live: torch.T
     cost = np.zeros(prob.b + 1)
     cost[-1] = -1.0
     bounds = [(None, None)] * prob.b + [(None, 1.0)]
+    soft = (sign > 0).nonzero().squeeze(1)
+    if relaxed:
+        S = torch.zeros(len(M), len(soft), dtype=torch.float64)
+        S[soft, torch.arange(len(soft))] = -1.0
+        A_ub = torch.cat([A_ub, S], 1)
+        cost = np.concatenate([np.zeros(prob.b + 1), np.ones(len(soft))])
+        bounds = [(None, None)] * prob.b + [(1e-3, 1.0)] + [(0.0, None)] * len(soft)
     res = linprog(cost, A_ub=A_ub.numpy(), b_ub=b_ub.numpy(), bounds=bounds, method="highs")
     if res.status != 0:
-        return -math.inf
-    return float(res.x[-1])
+        return -math.inf, None
+    slack = torch.from_numpy(res.x[prob.b + 1:]) if relaxed else None
+    return float(res.x[prob.b]), slack
 
 
 class CandidatePool:
     """Accepted, deduplicated candidate directions."""
 
-    def __init__(self, prob: Problem, params: SpearParams, use_filter: bool, check_lp: bool):
+    def __init__(self, prob: Problem, params: SpearParams, use_filter: bool, check_lp: bool, extra_zeros: int = 0):
         self.prob = prob
+        self.extra_zeros = extra_zeros  # zeros a sampled null vector needs beyond its b-1 rows
         self.params = params
         self.min_zeros = max(prob.b - 1, math.ceil(params.sparsity_threshold * prob.m_live)) if use_filter else 0
         self.check_lp = check_lp
@@ -144,7 +173,8 @@ class CandidatePool:
             return None
         margin = None
         if self.check_lp:
-            margin = _lp_margin(self.prob, zeros, borderline(self.prob, q, self.params.zero_tol))
+            margin = _lp_margin(self.prob, zeros, borderline(self.prob, q, self.params.zero_tol),
+                                self.params.active_zeros)
             if margin < -1e-3:  # measured: true patterns reach the cap (1), mixtures -0.1 .. -0.35
                 self.rejected_lp += 1
                 return None
@@ -157,7 +187,8 @@ class CandidatePool:
 
         Vectorised pre-processing: row sets inside a known zero set only re-find it (counted
         as hits); null vectors by one batched QR; directions already known, not sparse
-        enough, or repeated within the batch are dropped before the per-candidate refit."""
+        enough (also: fewer than ``extra_zeros`` zeros outside the b-1 rows), or repeated
+        within the batch are dropped before the per-candidate refit."""
         prob, b = self.prob, self.prob.b
         if self.items and self.min_zeros > 0:
             # a path inside the zero set of a known direction re-finds it (or is degenerate)
@@ -166,7 +197,7 @@ class CandidatePool:
             for c, n_in in zip(self.items, inside_k.sum(1).tolist()):
                 c.hits += n_in
             rows = rows[~inside_k.any(0)]
-        for chunk in rows.split(4096):
+        for chunk in rows.split(max(64, min(4096, 2 ** 22 // b ** 2))):  # b = 100: 419 QRs of 100x99 at once
             # null vector: last column of the complete QR of A^T (cheaper than an SVD)
             Qc, Rc = torch.linalg.qr(prob.Lh[chunk].transpose(1, 2), mode="complete")
             q = Qc[:, :, -1]  # (H, b)
@@ -182,6 +213,8 @@ class CandidatePool:
             if self.min_zeros > 0:
                 zeros = ((q @ prob.Lh.T).abs() < prob.row_noise.clamp(min=prob.search_tol)).sum(1)
                 ok &= zeros >= min(self.min_zeros, prob.m_live) * 0.9
+                if self.extra_zeros:  # the b-1 rows alone are no evidence when b-1 nears τ·m_live
+                    ok &= zeros >= b - 1 + self.extra_zeros
             idx = ok.nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue

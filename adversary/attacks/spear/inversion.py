@@ -2,6 +2,7 @@
 (rank, search rounds, selection and endgame until the batch checks or the budget runs out)."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -9,17 +10,30 @@ import torch
 
 from adversary.attacks.spear.candidates import CandidatePool
 from adversary.attacks.spear.endgame import endgame_directions
+from adversary.attacks.spear.guide import Guide, GuidedSampler
 from adversary.attacks.spear.problem import Candidate, Problem, SpearParams, SpearResult, estimate_batch_size
 from adversary.attacks.spear.search import search_round, tree_shape
-from adversary.attacks.spear.selection import assemble, mismatches, select
+from adversary.attacks.spear.selection import assemble, greedy_independent, mismatches, select
+
+
+def with_twins(pool: CandidatePool, chosen: list[Candidate], share: float = 0.25) -> list[Candidate]:
+    """Members of ``chosen`` whose zero set differs from another pool item's in at most ``share``
+    of its zeros (fewest zeros first): where a spurious mixture sits next to a true direction."""
+    if len(pool.items) < 2:
+        return []
+    Z = torch.stack([c.zeros for c in pool.items], 0).double()  # (k, m_live)
+    dist = Z.sum(1, keepdim=True) + Z.sum(1) - 2 * Z @ Z.T  # Hamming distances
+    dist.fill_diagonal_(math.inf)
+    near = {id(c) for c, d in zip(pool.items, dist.min(1).values.tolist()) if d <= share * c.count}
+    return sorted((c for c in chosen if id(c) in near), key=lambda c: c.count)
 
 
 def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                         checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                         params: SpearParams | None = None, device: torch.device | str = "cpu",
-                        seed: int = 0, deadline: float | None = None,
-                        progress=None) -> SpearResult:
+                        seed: int = 0, deadline: float | None = None, guide: Guide | None = None,
+                        progress: Callable[[int, int, int], None] | None = None) -> SpearResult:
     """Recover the inputs of a linear layer (followed by ReLU) from its gradients.
 
     ``grad_weight`` (m×n) and ``grad_bias`` (m,) are ∂L/∂W and ∂L/∂b of the batch loss.
@@ -28,8 +42,10 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     and the result is verified against the ReLU pattern. Without them, ``checker(X, δ)``
     (per-example inconsistency counts (b,) int64 of a candidate batch) takes the ReLU
     check's place in the selection, and a batch it passes is "consistent"; multi-step
-    updates use :func:`adversary.attacks.spear.replay.replay_checker`. ``deadline`` is a
-    ``time.monotonic()`` value; ``progress(samples, max_samples, directions_found)``.
+    updates use :func:`adversary.attacks.spear.replay.replay_checker`. ``guide``: an
+    approximate batch whose predicted inactive neurons steer part of the draws
+    (:mod:`adversary.attacks.spear.guide`); the uniform search runs alongside, unchanged.
+    ``deadline`` is a ``time.monotonic()`` value; ``progress(directions_found, b, samples)``.
     """
     params = params or SpearParams()
     t0 = time.monotonic()
@@ -42,6 +58,7 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     svals = [float(v) for v in S[: min(len(S), 64)]]
     b = params.batch_size or estimate_batch_size(S, params.rank_tol)
     pool: CandidatePool | None = None
+    sampler: GuidedSampler | None = None
     samples = 0
 
     def result(status, X=None, delta=None, exact=None, endgame=False, bad=None) -> SpearResult:
@@ -49,7 +66,8 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
         return SpearResult(X, delta, b, samples, time.monotonic() - t0, exact, status, svals, items,
                            pool.seen if pool else 0, endgame, None if bad is None else int(bad.sum()),
                            pool.rejected_mixture if pool else 0, pool.rejected_lp if pool else 0,
-                           None if bad is None else bad.nonzero().flatten().tolist())
+                           None if bad is None else bad.nonzero().flatten().tolist(),
+                           sampler.drawn if sampler else 0, int(sampler.covered.sum()) if sampler else None)
 
     if b == 0:
         return result("failed: zero gradient")
@@ -59,7 +77,6 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     relu = prob.weight is not None  # ReLU-pattern check, realisability LP and endgame
     check = relu or checker is not None
     use_filter = params.sparsity_threshold > 0
-    pool = CandidatePool(prob, params, use_filter, check_lp=relu)
 
     def finish(chosen, out, bad, endgame) -> SpearResult:
         X, delta = out
@@ -70,6 +87,13 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
             return result("exact" if ok else "inconsistent", X, delta, ok, endgame, bad)
         return result("unverified", X, delta, None, endgame, None)
 
+    # with a guide (made for large b), a sampled null vector must also vanish on τ of the other live
+    # rows: at b = 50 of 256 neurons τ·m_live alone is about b, which any null vector of b − 1 rows
+    # meets, and each such vector cost a refit and an LP (3,000 of them per minute, all junk)
+    extra_zeros = max(3, math.ceil(params.sparsity_threshold * (prob.m_live - b + 1))) if guide is not None else 0
+    pool = CandidatePool(prob, params, use_filter, check_lp=relu, extra_zeros=extra_zeros)
+    if guide is not None and b >= 2:
+        sampler = GuidedSampler(prob, guide, params.guide_draws, seed)
     if b == 1:
         zeros = prob.Lh[:, 0].abs() < params.zero_tol
         c = Candidate(torch.ones(1, dtype=torch.float64), zeros, int(zeros.sum()))
@@ -93,6 +117,21 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     endgame_for: set | None = None  # the directions the endgame last started from
     last_out = None
 
+    def complete(base: list[Candidate]) -> SpearResult | None:
+        """The endgame from ``base`` (again from what it added, while it adds some but not all);
+        the finished result if the completed batch checks."""
+        trial = list(base)
+        while len(trial) < b:
+            extra = endgame_directions(prob, pool, trial)
+            if not extra or len(trial) + len(extra) > b:
+                return None
+            trial += extra
+        o = assemble(prob, trial, params.zero_tol)
+        if o is None:
+            return None
+        tb = mismatches(prob, o, trial)
+        return finish(trial, o, tb, True) if int(tb.sum()) == 0 else None
+
     def pool_state():
         if check:
             return len(pool.items)
@@ -107,19 +146,26 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                 if not check or int(bad.sum()) == 0:
                     return finish(chosen, out, bad, False)
             k = b - len(chosen)
-            # k = 3 sweeps ~m² cells (~0.5 s at m = 256): only once sampling has become slow
+            # k = 3 sweeps ~m² cells (~0.5 s at m = 256): only once sampling has become slow, and
+            # not where its Cholesky sweep (~m_live·m·b³) grows past ~4·b=25 (b = 100 of 1024: 1000x)
             k_max = params.endgame if time.monotonic() - t0 > 2.0 else min(params.endgame, 2)
+            if prob.m_live * prob.m * b ** 3 > 4e9:
+                k_max = min(k_max, 2)
             if relu and 1 <= k <= k_max and {id(c) for c in chosen} != endgame_for:
                 endgame_for = {id(c) for c in chosen}
-                extra = endgame_directions(prob, pool, chosen)
-                if len(extra) == k:
-                    trial = chosen + extra
-                    o = assemble(prob, trial, params.zero_tol)
-                    if o is not None:
-                        tb = mismatches(prob, o, trial)
-                        if int(tb.sum()) == 0:
-                            return finish(trial, o, tb, True)
+                done = complete(chosen)
+                if done is not None:
+                    return done
                 examined = pool_state()
+            if sampler is not None and relu:
+                # large b: near-duplicate photos leave realisable mixtures next to their true direction,
+                # and the greedy choice may take one; retry the endgame without each such member
+                # likewise without the directions of the examples the check flagged
+                flagged = [] if bad is None else [[c for c, v in zip(chosen, bad.tolist()) if v == 0]]
+                for rest in flagged + [[x for x in chosen if x is not c] for c in with_twins(pool, chosen)]:
+                    done = complete(rest) if 1 <= b - len(rest) <= k_max else None
+                    if done is not None:
+                        return done
         exhausted = None
         if samples >= params.max_samples:
             exhausted = "samples"
@@ -131,9 +177,18 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                 chosen, (X, delta), bad = last_out
                 return result(status, X, delta, False if relu else None, False, bad)
             return result(status)
+        if sampler is not None and sampler.active().numel():
+            # guided draws first (a separate random stream: the uniform sequence stays as without a guide)
+            drawn = sampler.draw(max(256, 2 ** 23 // b ** 2))
+            samples += len(drawn)
+            before = len(pool.items)
+            pool.offer_rows(drawn, stop_at)
+            if len(pool.items) != before:
+                sampler.update_covered(pool)
+                sampler.refine([c.q for c in greedy_independent(sorted(pool.items, key=lambda c: -c.count), b - 1)])
         leaves, rows = search_round(Lh_search, shape, n_roots, prob.search_tol, min_leaf, gen)
         samples += leaves
         pool.offer_rows(search_idx[rows.cpu()], stop_at)
         n_roots = min(2 * n_roots, max_roots)
         if progress is not None:
-            progress(samples, params.max_samples, len(pool.items))
+            progress(min(len(pool.items), b), b, samples)

@@ -28,6 +28,10 @@ class SpearParams:
     refine_iterations: int = field(default=0, metadata={"min": 0, "doc": "Geiping steps on the unrolled update-matching objective from SPEAR's images (0 = off): fitted images all move, recovered ones only where SPEAR's check flagged them (unchecked batches are left alone)"})
     refine_lr: float = field(default=0.01, metadata={"gt": 0.0, "doc": "Adam step size of the refinement (signed steps; small: the start is close)"})
     refine_tv_weight: float = field(default=0.0, metadata={"min": 0.0, "doc": "TV prior of the refinement (Geiping uses 0.01 from random images; SPEAR's start needs none)"})
+    active_zeros: int = field(default=0, metadata={"min": 0, "doc": "zero rows of a direction that may belong to active neurons (a gradient entry below the noise floor): the realisability LP and the ReLU check forgive up to this many per example; 0 = every zero must be an inactive neuron"})
+    guide: str = field(default="none", metadata={"choices": ("none", "geiping", "previous"), "doc": "what supplies an approximate batch whose predicted inactive neurons guide the sampling: none (uniform search only), geiping (a Geiping run on the same update, guide_iterations steps), previous (the server's earlier reconstruction of this client, Observation.prior)"})
+    guide_iterations: int = field(default=500, metadata={"min": 1, "doc": "Geiping steps of the guide (guide = geiping); they count against the attack's deadline"})
+    guide_draws: int = field(default=8192, metadata={"min": 1, "doc": "guided submatrices per guide example at most (bounds what a useless guide costs on top of the uniform search)"})
 
 
 @dataclass
@@ -56,13 +60,16 @@ class SpearResult:
     rejected_mixtures: int = 0
     rejected_unrealisable: int = 0
     inconsistent: list[int] | None = None  # rows of X the check flagged (None: nothing checked)
+    guided_samples: int = 0  # submatrices drawn from the guide (included in samples)
+    guide_covered: int | None = None  # guide examples whose most confident rows a found direction explains
 
     def summary(self) -> dict:
         return {"status": self.status, "estimated_batch_size": self.batch_size, "samples": self.samples,
                 "seconds": round(self.seconds, 3), "exact": self.exact, "directions_found": self.found,
                 "candidates": self.candidates, "rejected_mixtures": self.rejected_mixtures,
                 "rejected_unrealisable": self.rejected_unrealisable, "endgame_used": self.endgame_used,
-                "mismatches": self.mismatches, "inconsistent_examples": self.inconsistent}
+                "mismatches": self.mismatches, "inconsistent_examples": self.inconsistent,
+                "guided_samples": self.guided_samples, "guide_covered": self.guide_covered}
 
 
 def estimate_batch_size(singular_values: torch.Tensor, rank_tol: float = 1e-10) -> int:
@@ -125,6 +132,7 @@ class Problem:
         # the float32 search needs a tolerance above the floor (leaf tests, refit start)
         self.search_tol = max(params.search_tol, 3.0 * tilt)
         self.zero_tol = params.zero_tol
+        self.active_zeros = params.active_zeros  # zeros per example the ReLU check forgives on active neurons
         gb = grad_bias.double().reshape(-1, 1)
         self.s = torch.linalg.lstsq(self.L, gb).solution.squeeze(1)  # Q 1 = s
         self.checker = checker  # per-example consistency of a candidate batch (see spear_invert_linear)

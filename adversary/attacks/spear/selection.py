@@ -28,7 +28,8 @@ def assemble(prob: Problem, chosen: list[Candidate], zero_tol: float):
 
 def mismatches(prob: Problem, out: tuple[torch.Tensor, torch.Tensor], chosen: list[Candidate]) -> torch.Tensor:
     """Per recovered example (b,) int: the problem's checker on ``out`` = (X, δ) when it has
-    one, else the neurons where the forward pattern disagrees with δ's zero pattern."""
+    one, else the neurons where the forward pattern disagrees with δ's zero pattern (inactive
+    with δ ≠ 0; active with δ = 0 beyond the first ``active_zeros`` of them)."""
     X, delta = out
     if prob.checker is not None:
         return prob.checker(X, delta)
@@ -39,8 +40,23 @@ def mismatches(prob: Problem, out: tuple[torch.Tensor, torch.Tensor], chosen: li
     for i, c in enumerate(chosen):
         zero_obs[i, prob.live_idx] = c.zeros
         ambiguous[i, prob.live_idx] |= borderline(prob, c.q, prob.zero_tol)
-    bad = ((z <= 0) != zero_obs) & ~ambiguous & ~prob.uncertain
-    return bad.sum(1)
+    judged = ~ambiguous & ~prob.uncertain
+    inactive_but_gradient = ((z <= 0) & ~zero_obs & judged).sum(1)  # impossible under ReLU
+    active_but_zero = ((z > 0) & zero_obs & judged).sum(1)  # a gradient entry below the noise floor, or wrong
+    return inactive_but_gradient + (active_but_zero - prob.active_zeros).clamp(min=0)
+
+
+def greedy_independent(items: list[Candidate], b: int) -> list[Candidate]:
+    """Up to ``b`` of ``items``, in their order, each linearly independent of those before it."""
+    chosen: list[Candidate] = []
+    for c in items:
+        trial = chosen + [c]
+        sv = torch.linalg.svdvals(torch.stack([t.q for t in trial], 1))
+        if float(sv[-1]) > 1e-6:
+            chosen = trial
+        if len(chosen) == b:
+            break
+    return chosen
 
 
 def select(prob: Problem, pool: CandidatePool, check: bool, stop_at: float = math.inf):
@@ -53,15 +69,7 @@ def select(prob: Problem, pool: CandidatePool, check: bool, stop_at: float = mat
     items = sorted(pool.items, key=lambda c: -c.count)
     if not check and pool.min_zeros > 0:
         items = [c for c in items if c.hits >= 2]
-    chosen: list[Candidate] = []
-    for c in items:
-        trial = chosen + [c]
-        M = torch.stack([t.q for t in trial], 1)
-        sv = torch.linalg.svdvals(M)
-        if float(sv[-1]) > 1e-6:
-            chosen = trial
-        if len(chosen) == prob.b:
-            break
+    chosen = greedy_independent(items, prob.b)
     if len(chosen) < prob.b:
         return chosen, None, None
     out = assemble(prob, chosen, pool.params.zero_tol)

@@ -1,0 +1,144 @@
+"""Prior-guided sampling: submatrices drawn from the rows an approximate batch predicts inactive.
+
+A direction ``q_i`` is the null vector of ``b − 1`` rows of ``L`` inside example i's zero set
+``Z_i``; uniform draws land inside some ``Z_i`` with probability ≈ ``b·2^−(b−1)``. An
+approximate batch ``X̃`` (a Geiping reconstruction of the same update, or the images of an
+earlier round) predicts each example's pre-activations ``z̃ = W x̃ + b``, after projecting
+``x̃`` onto the row space of ``G`` (the true inputs lie in it exactly). Rows are ranked per
+guide example by ``z̃_r / ‖w_r‖`` (signed distance to the neuron's hyperplane, most negative
+= most surely inactive); a draw takes the ``b − 1`` best rows after adding Gumbel noise of
+temperature ``T`` to the standardised ranking key (``T`` log-uniform in [0.05, 1.6]: from
+"the most confident rows" to "most of the predicted-inactive half"). Measured on MLP
+3072→256 photos at b = 25 with a 1,000-step Geiping guide (PSNR ≈ 20 dB, sign accuracy
+p ≈ 0.87): at T = 0.2 half the examples' draws lie inside ``Z_i`` in more than 90 % of cases
+and every example's hit rate is above 10⁻³, against 6·10⁻⁸ for a uniform draw.
+
+A wrong guide only costs draws: every draw goes through the candidate pool's filters, refit and
+checks like a uniform one. Each guide example gets at most ``draws_per_example`` draws, and
+none while a found direction's zero set holds 90 % of its most confident rows (covered; found
+directions and guide examples matched one-to-one), so a
+useless guide costs a bounded number of submatrices on top of the uniform search, whose own
+sequence of draws is unchanged (separate random stream).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from adversary.attacks.spear.candidates import CandidatePool
+from adversary.attacks.spear.problem import Problem
+
+T_MIN, T_MAX = 0.05, 1.6  # Gumbel temperatures of the draws (log-uniform between)
+COVERED = 0.9  # share of an example's b − 1 most confident rows inside a found zero set
+
+
+@dataclass(frozen=True)
+class Guide:
+    """An approximate batch for :func:`adversary.attacks.spear.inversion.spear_invert_linear`:
+    ``inputs`` (b', n) layer inputs (any number b' of examples, e.g. a Geiping reconstruction
+    flattened), pushed through ``weight`` (m, n) and ``bias`` (m,), the layer's parameters at
+    θ_t (for several local steps still the best predictor of where an example stays inactive)."""
+
+    inputs: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def _layer_in_coordinates(prob: Problem, guide: Guide) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W Rᵀ, bias)`` with each neuron's row divided by ‖w_r‖: (m, b), (m,) float64. An input
+    ``x = c R`` of the row space then has ``z_r / ‖w_r‖ = (M c + β)_r``."""
+    W = guide.weight.detach().double().cpu()
+    norms = W.norm(dim=1).clamp_min(1e-300)
+    return (W @ prob.R.T) / norms.unsqueeze(1), guide.bias.detach().double().cpu() / norms
+
+
+def predicted_preactivations(prob: Problem, guide: Guide) -> torch.Tensor:
+    """``z̃ / ‖w_r‖`` (b', m) float64 of the guide projected onto the row space of G."""
+    M, beta = _layer_in_coordinates(prob, guide)
+    return (guide.inputs.detach().double().cpu().flatten(1) @ prob.R.T) @ M.T + beta
+
+
+def constrained_coordinates(prob: Problem, c: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """The points nearest to ``c`` (b', b) on the set the missing examples' coordinates lie on
+    once the directions ``found`` (b, k) are known: rows ``c_j`` of ``Q⁻¹`` satisfy
+    ``c_j · q_i = 0`` for every other example's direction and ``c_j · s = 1`` (the endgame's
+    constraints, here for any k < b)."""
+    b, k = found.shape
+    basis = torch.linalg.qr(torch.cat([found, torch.eye(b, dtype=found.dtype)], 1))[0][:, k:b]  # (b, b-k)
+    ps = basis.T @ prob.s
+    u = c @ basis  # (b', b-k)
+    u = u + ((1.0 - u @ ps) / (ps @ ps).clamp_min(1e-300)).unsqueeze(1) * ps
+    return u @ basis.T
+
+
+class GuidedSampler:
+    """Draws of ``b − 1`` live rows (indices into ``prob.Lh``) per guide example, by the
+    Gumbel-perturbed ranking above; tracks which examples are covered or spent."""
+
+    def __init__(self, prob: Problem, guide: Guide, draws_per_example: int, seed: int):
+        self.prob = prob
+        M, beta = _layer_in_coordinates(prob, guide)
+        self.M, self.beta = M[prob.live_idx], beta[prob.live_idx]
+        self.coords = guide.inputs.detach().double().cpu().flatten(1) @ prob.R.T  # (b', b)
+        self.b = prob.b
+        self._rank(self.coords)
+        self.draws_per_example = draws_per_example
+        self.used = torch.zeros(len(self.key), dtype=torch.long)
+        self.covered = torch.zeros(len(self.key), dtype=torch.bool)
+        self.per_step = 16  # draws per active example in the next step (doubles per step)
+        self.gen = torch.Generator().manual_seed(int(seed) + 0x5EA5)
+        self.drawn = 0
+
+    def _rank(self, coords: torch.Tensor) -> None:
+        z = coords @ self.M.T + self.beta  # (b', m_live)
+        self.key = -z / z.std(1, keepdim=True).clamp_min(1e-300)  # larger = more surely inactive
+        self.top = self.key.topk(min(self.b - 1, self.key.shape[1]), dim=1).indices  # (b', b-1)
+
+    def refine(self, found: list[torch.Tensor]) -> None:
+        """Re-rank with each uncovered guide example moved onto the set the missing examples lie on given
+        the directions ``found`` (unit (b,) vectors, at most b − 1; :func:`constrained_coordinates`).
+        The nearer the found directions come to b, the better the prediction of the rest."""
+        if found:
+            coords = self.coords.clone()  # covered examples keep theirs (their own direction is found)
+            coords[~self.covered] = constrained_coordinates(self.prob, coords[~self.covered], torch.stack(found, 1))
+            self._rank(coords)
+
+    def active(self) -> torch.Tensor:
+        """Guide examples (indices) that still get draws."""
+        return (~self.covered & (self.used < self.draws_per_example)).nonzero().squeeze(1)
+
+    def draw(self, max_rows: int) -> torch.Tensor:
+        """One step's draws (H, b − 1) for the active examples, at most ``max_rows`` in all."""
+        act = self.active()
+        if act.numel() == 0:
+            return torch.empty(0, self.b - 1, dtype=torch.long)
+        per = max(1, min(self.per_step, max_rows // len(act)))
+        per_ex = (self.draws_per_example - self.used[act]).clamp(max=per)
+        self.used[act] += per_ex
+        self.per_step *= 2
+        rows = self.sample(act.repeat_interleave(per_ex))
+        self.drawn += len(rows)
+        return rows
+
+    def sample(self, owner: torch.Tensor) -> torch.Tensor:
+        """One draw (H, b − 1) of live rows per entry of ``owner`` (H,), guide-example indices."""
+        temp = T_MIN * (T_MAX / T_MIN) ** torch.rand(len(owner), 1, generator=self.gen, dtype=torch.float64)
+        u = torch.rand(len(owner), self.key.shape[1], generator=self.gen, dtype=torch.float64).clamp_min(1e-300)
+        gumbel = -torch.log((-torch.log(u)).clamp_min(1e-300))
+        return (self.key[owner] + temp * gumbel).topk(self.b - 1, dim=1).indices
+
+    def update_covered(self, pool: CandidatePool) -> None:
+        """Covered: the guide examples matched one-to-one (Hungarian, on the share of their most
+        confident rows inside the direction's zero set) to found directions, at a share ≥ 90 %.
+        One-to-one because similar photos share most inactive rows: one direction can hold
+        several examples' top rows, and only one of them is found."""
+        if not pool.items:
+            return
+        zeros = torch.stack([c.zeros for c in pool.items], 0).double()  # (k, m_live)
+        inside = zeros[:, self.top].mean(2)  # (k, b')
+        rows, cols = linear_sum_assignment(inside.numpy(), maximize=True)
+        good = inside[rows, cols] >= COVERED
+        self.covered = torch.zeros_like(self.covered)
+        self.covered[torch.as_tensor(cols)[good]] = True
