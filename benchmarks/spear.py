@@ -292,27 +292,29 @@ GUIDE_KEYS = ("hidden", "guide_seconds", "guide_psnr", "sign_accuracy", "hit_rat
               "guided_samples", "directions_found")
 
 
+def markdown_table(header: list[str], rows: list[str], note: str) -> str:
+    """A markdown table from a header's cells and ready-made row lines, then a note."""
+    return "\n".join([f"| {' | '.join(header)} |", "|" + "---|" * len(header), *rows, f"\n{note}"])
+
+
 def guided_table(summary: list[dict], budget: float) -> str:
-    lines = ["| b | hidden | exact | median s (guide s) | max s | guide PSNR dB | sign accuracy p | guided-draw hit rate: median (min) example | uniform draw: b 2^-(b-1) | median samples (guided) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(f"| {s['b']} | {int(s['hidden'])} | {s['exact']}/{s['batches']} | {s['median_s']:.1f} ({s['guide_seconds']:.1f}) | "
-                     f"{s['max_s']:.1f} | {s['guide_psnr']:.1f} | {s['sign_accuracy']:.3f} | {s['hit_rate_median']:.2g} "
-                     f"({s['hit_rate_min']:.2g}) | {s['b'] * 0.5 ** (s['b'] - 1):.2g} | {s['median_samples']:.3g} "
-                     f"({s['guided_samples']:.3g}) |")
-    lines.append(f"\nBudget {budget:.0f} s per batch including the guide (medians over batches); a failed batch counts with the time it used.")
-    return "\n".join(lines)
+    header = ["b", "hidden", "exact", "median s (guide s)", "max s", "guide PSNR dB", "sign accuracy p",
+              "guided-draw hit rate: median (min) example", "uniform draw: b 2^-(b-1)", "median samples (guided)"]
+    rows = [f"| {s['b']} | {int(s['hidden'])} | {s['exact']}/{s['batches']} | {s['median_s']:.1f} ({s['guide_seconds']:.1f}) | "
+            f"{s['max_s']:.1f} | {s['guide_psnr']:.1f} | {s['sign_accuracy']:.3f} | {s['hit_rate_median']:.2g} "
+            f"({s['hit_rate_min']:.2g}) | {s['b'] * 0.5 ** (s['b'] - 1):.2g} | {s['median_samples']:.3g} "
+            f"({s['guided_samples']:.3g}) |" for s in summary]
+    return markdown_table(header, rows, f"Budget {budget:.0f} s per batch including the guide (medians over batches); "
+                                        "a failed batch counts with the time it used.")
 
 
 def table(summary: list[dict], budget: float) -> str:
-    lines = ["| b | exact | median s | max s | median samples | uniform sampler, expected (actual zeros) | (1/2)^(b-1) rule: H_b 2^(b-1) | endgame used |",
-             "|---|---|---|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(f"| {s['b']} | {s['exact']}/{s['batches']} | {s['median_s']:.1f} | {s['max_s']:.1f} | "
-                     f"{s['median_samples']:.3g} | {s['median_uniform_expected']:.3g} | {s['half_rule_expected']:.3g} | "
-                     f"{s['endgame_used']}/{s['batches']} |")
-    lines.append(f"\nBudget {budget:.0f} s per batch; a failed batch counts with the time it used.")
-    return "\n".join(lines)
+    header = ["b", "exact", "median s", "max s", "median samples", "uniform sampler, expected (actual zeros)",
+              "(1/2)^(b-1) rule: H_b 2^(b-1)", "endgame used"]
+    rows = [f"| {s['b']} | {s['exact']}/{s['batches']} | {s['median_s']:.1f} | {s['max_s']:.1f} | "
+            f"{s['median_samples']:.3g} | {s['median_uniform_expected']:.3g} | {s['half_rule_expected']:.3g} | "
+            f"{s['endgame_used']}/{s['batches']} |" for s in summary]
+    return markdown_table(header, rows, f"Budget {budget:.0f} s per batch; a failed batch counts with the time it used.")
 
 
 def main(argv: list[str] | None = None) -> int:
