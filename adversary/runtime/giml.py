@@ -44,35 +44,35 @@ class GimlSink:
         start = load_generator(params, domain.shape, derive_seed(seed, "giml"))
         self.learner = MetaLearner(start, params.settings(), derive_seed(seed, "giml", "tasks"), device)
         self.config = {"latent_dim": start.latent_dim, "width": params.width}
-        self.round: int | None = 0
-        self.current = str(self.save())  # what the next jobs attack with: first the starting generator
-        self.round = None
+        self.current = ""  # what the next jobs attack with: first the starting generator
+        self.save(0)
+        self.round: int | None = None  # the round of the updates learned since the last save
 
     def wants(self, server_round: int, client_id: int) -> bool:
         return self.pool.wants(server_round, client_id)
 
     def submit(self, observation: Observation, truth: GroundTruth) -> None:
         if self.round is not None and observation.server_round != self.round:
-            self.save()
+            self.save(self.round)
         self.round = observation.server_round
         self.pool.submit(observation, truth, {"giml": replace(self.params, generator=self.current)})
         task = self.learner.learn(observation)
         self.run_dir.append(TASKS, asdict(task))
 
-    def save(self) -> Path:
+    def save(self, after_round: int) -> Path:
         """The generator learned so far, as ``giml/after_round_RRR.pt``; the next jobs use it."""
-        path = self.folder / f"after_round_{self.round:03d}.pt"
+        path = self.folder / f"after_round_{after_round:03d}.pt"
         generator = self.learner.generator.cpu()
         save_prior(path, generator, self.config,
                    {"learned_from": "observed updates (GIML)", "tasks": len(self.learner.tasks),
-                    "after_round": self.round, "started_from": self.params.generator})
+                    "after_round": after_round, "started_from": self.params.generator})
         self.learner.generator.to(self.learner.device)
         self.current = str(path)
         return path
 
     def close(self) -> None:
         if self.round is not None:
-            self.save()
+            self.save(self.round)
         self.pool.close()
 
     def abort(self) -> None:
