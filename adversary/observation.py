@@ -28,8 +28,8 @@ class Observation:
     round's learning rate. ``num_examples`` is what the client reported (None if not).
     ``defense`` is set only when the scenario says the attacker knows it; ``labels`` only
     when the scenario grants true labels (ablation). ``prior`` (b', C, H, W), normalised: what
-    the server itself reconstructed of this client in an earlier round, if anything (SPEAR's
-    ``guide = "previous"``).
+    the server itself reconstructed of this client in an earlier round (``prior_round``), if
+    anything (SPEAR's ``guide = "previous"``; filled by ``adversary.runtime.memory``).
     """
 
     server_round: int
@@ -44,6 +44,7 @@ class Observation:
     defense: DefenseSpec | None = None
     labels: torch.Tensor | None = None
     prior: torch.Tensor | None = None
+    prior_round: int | None = None
 
     @property
     def num_distinct_examples(self) -> int:

@@ -2,11 +2,15 @@
 killed worker becomes a failed record without losing anything else."""
 import json
 import time
+from collections import deque
 
 import pytest
 import ray
+import torch
 
-from adversary.runtime.workers import InversionPool
+from adversary.runtime.execution import AttackJob
+from adversary.runtime.memory import ReconstructionMemory
+from adversary.runtime.workers import InversionPool, take_launch
 from fedsim.run.cli import main
 from fedsim.rundir import LEAKAGE, RunDirectory
 from fedsim.run.single_shot import observe_first_update
@@ -107,3 +111,70 @@ def test_compatible_queued_jobs_run_in_one_launch(tmp_path, ray_session):
     assert sorted(r["client"] for r in records) == [0, 1, 2]
     assert all(r["status"] == "ok" and r["extras"]["jobs_in_launch"] == 3 for r in records)
     assert len({tuple(r["psnr"]) for r in records}) == 3
+
+
+def test_reconstruction_memory_gives_the_latest_earlier_round_and_prefers_the_plans_first_attack():
+    memory = ReconstructionMemory(("spear", "geiping"))
+    geiping_r1, spear_r1, spear_r2 = torch.full((2, 1), 1.0), torch.full((2, 1), 2.0), torch.full((2, 1), 3.0)
+    memory.record(1, 0, "geiping", geiping_r1)
+    memory.record(1, 0, "spear", spear_r1)  # finished later, but listed first in the plan
+    memory.record(1, 0, "geiping", geiping_r1)
+    assert memory.prior_for(1, 0) is None and memory.prior_for(2, 1) is None
+    round_, prior = memory.prior_for(2, 0)
+    assert round_ == 1 and torch.equal(prior, spear_r1)
+    memory.record(2, 0, "spear", spear_r2)
+    assert memory.prior_for(2, 0)[0] == 1  # a round-2 job never sees round 2
+    assert memory.prior_for(3, 0)[0] == 2 and list(memory.rounds[0]) == [2]  # round 1 forgotten
+
+
+def test_take_launch_skips_jobs_that_are_not_ready_and_keeps_the_order():
+    jobs = deque(AttackJob(i, "dlg", None, None, None, "none", 20.0, 1.0, 0) for i in range(4))
+    launch = take_launch(jobs, 1, ready=lambda job: job.job_id >= 2)
+    assert [j.job_id for j in launch] == [2] and [j.job_id for j in jobs] == [0, 1, 3]
+    assert take_launch(jobs, 1, ready=lambda job: False) == [] and len(jobs) == 3
+
+
+PREVIOUS = """
+name = "spear_previous"
+seed = 3
+[data]
+dataset = "embedded_photos"
+image_size = 16
+examples_per_client = 12
+[model]
+name = "mlp"
+hidden = [128]
+[federation]
+num_clients = 2
+clients_per_round = 2
+rounds = 2
+[training]
+batch_size = 12
+max_steps = 1
+lr = 0.1
+[attack]
+attacks = ["spear"]
+rounds = [1, 2]
+clients = []
+pool_size = 2
+[attack.spear]
+guide = "previous"
+"""
+
+
+@pytest.mark.slow
+def test_spear_guide_previous_gets_the_clients_round_1_reconstruction_in_round_2(tmp_path):
+    """Both clients keep their 12 images: round 1 runs unguided (nothing earlier), round 2 is
+    guided by round 1's exact reconstruction and needs far fewer submatrices."""
+    path = tmp_path / "previous.toml"
+    path.write_text(PREVIOUS)
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    records = {(r["round"], r["client"]): r for r in RunDirectory(tmp_path / "run").read(LEAKAGE)}
+    assert sorted(records) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for client in (0, 1):
+        first, second = records[1, client], records[2, client]
+        assert first["extras"]["guide_status"] == "no earlier reconstruction of this client"
+        assert second["extras"]["guide_round"] == 1 and second["extras"]["guide_examples"] == 12
+        assert second["extras"]["guided_samples"] > 0
+        assert first["recovered_share"] == second["recovered_share"] == 1.0
+        assert second["extras"]["samples"] < first["extras"]["samples"] / 2

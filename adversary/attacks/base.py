@@ -5,6 +5,9 @@ A run function has the signature ``run(obs: Observation, params: P, ctx: AttackC
 Reconstruction``. An attack that can attack several updates in one launch also has
 ``run_many(observations, params, contexts) -> reconstructions`` (one context per observation) and
 ``batch_key(obs, params)``: observations with equal non-None keys may go to one ``run_many``.
+An attack that can use the server's earlier reconstruction of the client
+(``Observation.prior``) says so with ``wants_prior(params)``; the runtime then runs its job after
+every earlier-round job of that client and fills ``prior``.
 :class:`Attack` refuses any function whose annotations mention :class:`GroundTruth` (attacks never
 see the ground truth).
 """
@@ -36,13 +39,15 @@ class AttackContext:
 @dataclass(frozen=True)
 class Attack:
     """One attack: its registry ``name``, its parameter dataclass, its run function and, when it
-    batches updates, its ``run_many`` and ``batch_key``."""
+    batches updates, its ``run_many`` and ``batch_key``; ``wants_prior(params)`` when it can use
+    ``Observation.prior``."""
 
     name: str
     params_type: type
     run: Callable[[Observation, Any, AttackContext], Reconstruction]
     run_many: Callable[[list[Observation], Any, list[AttackContext]], list[Reconstruction]] | None = None
     batch_key: Callable[[Observation, Any], Hashable | None] | None = None
+    wants_prior: Callable[[Any], bool] | None = None
 
     def __post_init__(self) -> None:
         for fn in (self.run, self.run_many):
@@ -53,3 +58,7 @@ class Attack:
     def key(self, obs: Observation, params: Any) -> Hashable | None:
         """The batching key of ``obs`` (None: it runs alone)."""
         return None if self.batch_key is None else self.batch_key(obs, params)
+
+    def needs_prior(self, params: Any) -> bool:
+        """Whether a job with ``params`` uses the server's earlier reconstruction of its client."""
+        return self.wants_prior is not None and bool(self.wants_prior(params))

@@ -71,11 +71,13 @@ class LeakageRecord:
 @dataclass
 class JobResult:
     """A finished job: its record plus images in [0, 1] for the comparison grid
-    (ground truth and matched reconstruction, same order), None when it failed."""
+    (ground truth and matched reconstruction, same order), None when it failed, and the attack's
+    own output ``reconstruction`` (b', C, H, W), normalised, unmatched: what the server knows."""
 
     record: LeakageRecord
     truth_unit: torch.Tensor | None = None
     recon_unit: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
 
 
 def plan_jobs(scenario: Scenario, params: dict[str, Any], observation: Observation, truth: GroundTruth,
@@ -158,7 +160,7 @@ def _scored(job: AttackJob, recon: Reconstruction, seconds: float, lpips: LpipsS
         psnr=scores.psnr, extras=dict(recon.extras))
     matched = torch.stack([recon_unit[m] if m is not None else torch.zeros_like(truth_unit[0])
                            for m in scores.matching]) if len(truth_unit) else recon_unit
-    return JobResult(record, truth_unit, matched)
+    return JobResult(record, truth_unit, matched, recon.inputs.detach().float().cpu())
 
 
 def store_result(run_dir: RunDirectory, result: JobResult) -> dict[str, Any]:

@@ -5,7 +5,9 @@ planned attack (if the plan selects that round and client) and hands it to an id
 — together with up to ``attack.batch_jobs`` − 1 queued jobs it can share one vectorised launch
 with (same attack, equal ``Attack.key``: same round, config and parameters)
 (placed with the Ray resources the wiring chooses: a GPU where CUDA exists, else an inversion
-slot or CPUs, see ``fedsim.run.ray_cluster``). The pool joins the Ray cluster the wiring
+slot or CPUs, see ``fedsim.run.ray_cluster``). A job whose attack wants the server's earlier
+reconstruction of its client (``Attack.needs_prior``) waits for that client's earlier-round jobs
+and gets the latest of their reconstructions (``adversary.runtime.memory``). The pool joins the Ray cluster the wiring
 started; it never starts one. A
 collector thread streams finished jobs to ``leakage.jsonl`` (one flushed line each) and
 their image grids to ``reconstructions/``. A job past its timeout gets its actor killed
@@ -18,8 +20,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import ray
 import torch
@@ -27,6 +29,7 @@ from ray.util.queue import Empty, Queue
 from tqdm import tqdm
 
 from adversary.runtime.execution import AttackJob, JobResult, failed_record, plan_jobs, run_jobs, store_result
+from adversary.runtime.memory import ReconstructionMemory
 from adversary.observation import GroundTruth, Observation
 from adversary.runtime.registry import get_attack, resolve_attack_params
 from fedsim.rundir import RunDirectory
@@ -42,10 +45,15 @@ def plan_selects(plan: AttackPlan, server_round: int, client_id: int) -> bool:
             and (not plan.clients or client_id in plan.clients))
 
 
-def take_launch(queue: deque[AttackJob], batch_jobs: int) -> list[AttackJob]:
-    """Pop the next queued job and up to ``batch_jobs`` − 1 later ones that can share its launch
-    (same attack, equal non-None ``Attack.key``); the others keep their order."""
-    job = queue.popleft()
+def take_launch(queue: deque[AttackJob], batch_jobs: int,
+                ready: Callable[[AttackJob], bool] = lambda job: True) -> list[AttackJob]:
+    """Pop the first queued job that is ``ready`` and up to ``batch_jobs`` − 1 later ready ones
+    that can share its launch (same attack, equal non-None ``Attack.key``); the others keep their
+    order. Empty when no queued job is ready."""
+    job = next((job for job in queue if ready(job)), None)
+    if job is None:
+        return []
+    queue.remove(job)
     attack = get_attack(job.attack)
     key = attack.key(job.observation, job.params)
     launch = [job]
@@ -54,7 +62,7 @@ def take_launch(queue: deque[AttackJob], batch_jobs: int) -> list[AttackJob]:
     for other in list(queue):
         if len(launch) == batch_jobs:
             break
-        if other.attack == job.attack and attack.key(other.observation, other.params) == key:
+        if other.attack == job.attack and ready(other) and attack.key(other.observation, other.params) == key:
             queue.remove(other)
             launch.append(other)
     return launch
@@ -115,6 +123,8 @@ class InversionPool:
         self.show_progress = show_progress
         self.actor_options = actor_options
         self.claimed = set(done)  # (round, client, attack) recorded or queued: each runs once
+        wanted = any(get_attack(name).needs_prior(self.params[name]) for name in self.plan.attacks)
+        self.memory = ReconstructionMemory(tuple(self.plan.attacks)) if wanted else None
         self.progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         self.idle = [self._new_actor() for _ in range(self.plan.pool_size)]
         ray.get([a.ready.remote() for a in self.idle])
@@ -151,9 +161,14 @@ class InversionPool:
             self._wait_for({job.job_id for job in jobs})
 
     def _dispatch(self) -> None:
-        """Start queued jobs on idle actors (caller holds the lock)."""
+        """Start queued jobs on idle actors (caller holds the lock). A job that wants a prior
+        waits until its client's earlier-round jobs are done, then gets the latest of them."""
         while self.queue and self.idle:
-            jobs = take_launch(self.queue, self.plan.batch_jobs)
+            jobs = take_launch(self.queue, self.plan.batch_jobs, self._ready)
+            if not jobs:
+                return
+            for job in jobs:
+                self._attach_prior(job)
             actor = self.idle.pop()
             bars = [tqdm(total=1, desc=f"{job.attack} r{job.observation.server_round} c{job.observation.client_id}",
                          unit="it", leave=False, position=1 + len(self.running) + i)
@@ -161,6 +176,23 @@ class InversionPool:
             future = actor.run.remote(jobs)
             deadline = time.monotonic() + min(job.timeout_s for job in jobs) + HARD_TIMEOUT_GRACE_S
             self.running[future] = _Running(jobs, actor, future, deadline, bars)
+
+    def _ready(self, job: AttackJob) -> bool:
+        """False while a job wanting a prior has an earlier-round job of its client queued or
+        running (caller holds the lock)."""
+        if self.memory is None or not get_attack(job.attack).needs_prior(job.params):
+            return True
+        obs = job.observation
+        busy = list(self.queue) + [j for r in self.running.values() for j in r.jobs]
+        return not any(j.observation.client_id == obs.client_id and j.observation.server_round < obs.server_round
+                       for j in busy)
+
+    def _attach_prior(self, job: AttackJob) -> None:
+        if self.memory is None or not get_attack(job.attack).needs_prior(job.params):
+            return
+        found = self.memory.prior_for(job.observation.server_round, job.observation.client_id)
+        if found is not None:
+            job.observation = replace(job.observation, prior_round=found[0], prior=found[1])
 
     # -- collection -------------------------------------------------------------------
     def _collect_loop(self) -> None:
@@ -229,6 +261,10 @@ class InversionPool:
 
     def _write(self, result: JobResult) -> None:
         store_result(self.run_dir, result)
+        record = result.record
+        if self.memory is not None and result.reconstruction is not None:
+            with self.lock:
+                self.memory.record(record.round, record.client, record.attack, result.reconstruction)
 
     # -- waiting ----------------------------------------------------------------------
     def pending(self) -> int:

@@ -72,7 +72,7 @@ def guide_images(obs: Observation, params: SpearParams, ctx: AttackContext) -> t
     if params.guide == "previous":
         if obs.prior is None:
             return None, {"guide": "previous", "guide_status": "no earlier reconstruction of this client"}
-        return obs.prior, {"guide": "previous", "guide_examples": len(obs.prior)}
+        return obs.prior, {"guide": "previous", "guide_examples": len(obs.prior), "guide_round": obs.prior_round}
     started = time.monotonic()
     rec = geiping.run(obs, geiping.GeipingParams(iterations=params.guide_iterations), ctx)
     return rec.inputs, {"guide": "geiping", "guide_iterations": rec.iterations,
@@ -189,4 +189,4 @@ def run(obs: Observation, params: SpearParams, ctx: AttackContext) -> Reconstruc
     return Reconstruction(inputs, labels if len(inputs) else None, iterations, objective, extras)
 
 
-ATTACK = Attack("spear", SpearParams, run)
+ATTACK = Attack("spear", SpearParams, run, wants_prior=lambda params: params.guide == "previous")
