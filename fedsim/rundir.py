@@ -118,13 +118,13 @@ class RunDirectory:
             finally:
                 os.close(fd)
 
-    def keep_rounds_through(self, last_round: int) -> None:
-        """Drop the ``rounds.jsonl`` records after ``last_round`` (a resumed run repeats those
-        rounds); the file is replaced in one rename."""
-        kept = [r for r in self.read(ROUNDS) if r["round"] <= last_round]
-        tmp = self.path / (ROUNDS + ".tmp")
+    def keep_rounds_through(self, last_round: int, name: str = ROUNDS, key: str = "round") -> None:
+        """Drop the records of ``name`` (a JSON-lines file; its round in ``key``) after
+        ``last_round`` (a resumed run repeats those rounds); the file is replaced in one rename."""
+        kept = [r for r in self.read(name) if r[key] <= last_round]
+        tmp = self.path / (name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path / ROUNDS)
+        os.replace(tmp, self.path / name)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.path / SUMMARY).write_text(json.dumps(json_safe(summary), indent=2) + "\n")

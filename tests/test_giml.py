@@ -97,3 +97,36 @@ def test_the_sink_learns_from_every_update_and_saves_the_generator_per_round(upd
         assert (first(z) - start(z)).abs().max() > 1e-3 and (last(z) - first(z)).abs().max() > 1e-4
     tasks = run_dir.read(TASKS)
     assert [(t["server_round"], t["client_id"]) for t in tasks] == [(1, 0), (1, 1), (2, 2)]
+
+
+def test_a_resumed_run_learns_what_an_uninterrupted_run_learns(updates, tmp_path):
+    """A crash in round 2 after its first task, resumed after round 1's checkpoint: round 2's
+    partial file and task lines are dropped, the re-queued round-1 update is attacked with the
+    generator it had but not learned again, and the final generator is bit-identical."""
+    domain, observed = updates
+    params = GimlParams(meta_latent_iterations=5, inner_steps=5, inner_lr=1e-2, **SMALL)
+    straight = RunDirectory.create(tmp_path / "straight")
+    sink = GimlSink(FakePool(), params, domain, straight, torch.device("cpu"), seed=0)
+    for obs in observed:
+        sink.submit(obs, None)
+    sink.close()
+
+    crashed = RunDirectory.create(tmp_path / "crashed")
+    sink = GimlSink(FakePool(), params, domain, crashed, torch.device("cpu"), seed=0)
+    for obs in observed:  # round 2's task learned and saved; then the crash (no close)
+        sink.submit(obs, None)
+    pool = FakePool()
+    resumed = GimlSink(pool, params, domain, crashed, torch.device("cpu"), seed=0, done_rounds=1)
+    assert sorted(resumed.saved()) == [0, 1]
+    assert [t["server_round"] for t in crashed.read(TASKS)] == [1, 1]
+    resumed.submit(observed[1], None)  # a round-1 update whose attacks were not all recorded
+    resumed.submit(observed[2], None)
+    resumed.close()
+    folder = crashed.path / "giml"
+    assert pool.submitted == [(1, str(folder / "after_round_000.pt")), (2, str(folder / "after_round_001.pt"))]
+    assert [(t["server_round"], t["client_id"]) for t in crashed.read(TASKS)] == [(1, 0), (1, 1), (2, 2)]
+    mine, header = load_prior(folder / "after_round_002.pt", domain.shape)
+    theirs, _ = load_prior(straight.path / "giml" / "after_round_002.pt", domain.shape)
+    assert header.data["tasks"] == 3
+    for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(a, b)

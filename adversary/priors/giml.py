@@ -16,6 +16,7 @@ from torch import nn
 from adversary.maths.matching import BN_WEIGHT, Matcher, attack_labels, descend_inputs, image_objective, resolve_mode
 from adversary.observation import Observation
 from adversary.priors.search import FlatWeights, latent_search
+from fedsim.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ class Task:
 
 
 class MetaLearner:
-    """Holds the generator being learned; :meth:`learn` takes one observed update."""
+    """Holds the generator being learned; :meth:`learn` takes one observed update. A task's random
+    latent start derives from (``seed``, its round, its client), so a resumed run learns what an
+    uninterrupted one does."""
 
     def __init__(self, generator: nn.Module, settings: GimlSettings, seed: int, device: torch.device):
         self.generator = generator.to(device).eval()
@@ -53,7 +56,7 @@ class MetaLearner:
             p.requires_grad_(False)
         self.settings = settings
         self.device = device
-        self.rng = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.tasks: list[Task] = []
 
     def learn(self, obs: Observation) -> Task:
@@ -63,7 +66,8 @@ class MetaLearner:
         labels, _ = attack_labels(obs, matcher.n)
         objective = image_objective(matcher, labels.to(self.device), s.tv_weight)
         normalise = obs.domain.normalise
-        start = torch.randn((matcher.n, self.generator.latent_dim), generator=self.rng).to(self.device)
+        rng = torch.Generator().manual_seed(derive_seed(self.seed, obs.server_round, obs.client_id))
+        start = torch.randn((matcher.n, self.generator.latent_dim), generator=rng).to(self.device)
         found = latent_search(objective, self.generator, normalise, start, iterations=s.latent_iterations,
                               lr=s.latent_lr)
         weights = FlatWeights(self.generator)

@@ -3,12 +3,17 @@ taps, in the order they arrive, and hands each ``giml`` job the generator learne
 
 Wraps the inversion pool (any :class:`server.strategy.AttackSink`-shaped object with
 ``submit(observation, truth, params)``). Per tapped update: its jobs are queued with
-``attack.giml.generator`` set to the last saved generator, then one meta-learning task runs on
-it here, in the server's thread (:class:`adversary.priors.giml.MetaLearner`). When the first
-update of a new round arrives, and at the end of the run, the generator is saved as
-``giml/after_round_RRR.pt`` (a prior checkpoint: :func:`adversary.priors.checkpoint.load_prior`;
-``after_round_000.pt`` is the generator it starts from) and every task is one line of
-``giml/tasks.jsonl``.
+``attack.giml.generator`` set to the generator saved after the previous round, then one
+meta-learning task runs on it here, in the server's thread
+(:class:`adversary.priors.giml.MetaLearner`). After every task the generator is saved as
+``giml/after_round_RRR.pt`` of the task's round (a prior checkpoint:
+:func:`adversary.priors.checkpoint.load_prior`; ``after_round_000.pt`` is the generator it starts
+from), so the file of a finished round holds what that round taught, and every task is one line
+of ``giml/tasks.jsonl``.
+
+A resumed run (``fedsim run --resume``, after the checkpoint of round D) continues from the file
+of the last round ≤ D, forgets later files and task lines, and does not learn again from the
+re-queued updates of rounds ≤ D: what it learns is what an uninterrupted run learns.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import torch
 from adversary.attacks.gias import load_generator
 from adversary.attacks.giml import GimlParams
 from adversary.observation import GroundTruth, Observation
-from adversary.priors.checkpoint import save_prior
+from adversary.priors.checkpoint import load_prior, save_prior
 from adversary.priors.giml import MetaLearner
 from fedsim.domain import DataDomain
 from fedsim.rundir import RunDirectory
@@ -32,47 +37,65 @@ TASKS = f"{GIML_DIR}/tasks.jsonl"
 
 
 class GimlSink:
-    """The pool's sink with GIML's learning in front of it (see the module docstring)."""
+    """The pool's sink with GIML's learning in front of it (see the module docstring).
+    ``done_rounds``: the rounds a resumed run completed before (its checkpoint's round; 0 for a
+    new run, or a run resumed before its first checkpoint). A run directory that holds saved
+    generators is a resumed run."""
 
     def __init__(self, pool: Any, params: GimlParams, domain: DataDomain, run_dir: RunDirectory,
-                 device: torch.device, seed: int):
+                 device: torch.device, seed: int, done_rounds: int = 0):
         self.pool = pool
         self.params = params
         self.run_dir = run_dir
         self.folder = run_dir.path / GIML_DIR
         self.folder.mkdir(exist_ok=True)
-        start = load_generator(params, domain.shape, derive_seed(seed, "giml"))
+        self.done_rounds = done_rounds  # rounds whose updates were learned before
+        saved = self.saved()
+        if saved:
+            for r in [r for r in saved if r > done_rounds]:
+                saved.pop(r).unlink()
+            run_dir.keep_rounds_through(done_rounds, TASKS, "server_round")
+            start, _ = load_prior(saved[max(saved)], domain.shape, params.generator_class)
+        else:
+            start = load_generator(params, domain.shape, derive_seed(seed, "giml"))
         self.learner = MetaLearner(start, params.settings(), derive_seed(seed, "giml", "tasks"), device)
         self.config = {"latent_dim": start.latent_dim, "width": params.width}
-        self.current = ""  # what the next jobs attack with: first the starting generator
-        self.save(0)
-        self.round: int | None = None  # the round of the updates learned since the last save
+        self.tasks = len(run_dir.read(TASKS))
+        if not saved:
+            self.save(0)
+
+    def saved(self) -> dict[int, Path]:
+        """round -> ``giml/after_round_RRR.pt``, for every file saved so far."""
+        return {int(path.stem.rsplit("_", 1)[1]): path for path in self.folder.glob("after_round_*.pt")}
+
+    def path(self, after_round: int) -> Path:
+        return self.folder / f"after_round_{after_round:03d}.pt"
 
     def wants(self, server_round: int, client_id: int) -> bool:
         return self.pool.wants(server_round, client_id)
 
     def submit(self, observation: Observation, truth: GroundTruth) -> None:
-        if self.round is not None and observation.server_round != self.round:
-            self.save(self.round)
-        self.round = observation.server_round
-        self.pool.submit(observation, truth, {"giml": replace(self.params, generator=self.current)})
+        server_round = observation.server_round
+        before = max(r for r in self.saved() if r < server_round)  # the generator its jobs attack with
+        self.pool.submit(observation, truth, {"giml": replace(self.params, generator=str(self.path(before)))})
+        if server_round <= self.done_rounds:
+            return  # re-queued after a crash: its round was learned and saved before
         task = self.learner.learn(observation)
+        self.tasks += 1
+        self.save(server_round)
         self.run_dir.append(TASKS, asdict(task))
 
     def save(self, after_round: int) -> Path:
-        """The generator learned so far, as ``giml/after_round_RRR.pt``; the next jobs use it."""
-        path = self.folder / f"after_round_{after_round:03d}.pt"
+        """The generator learned so far, as ``giml/after_round_RRR.pt``."""
+        path = self.path(after_round)
         generator = self.learner.generator.cpu()
         save_prior(path, generator, self.config,
-                   {"learned_from": "observed updates (GIML)", "tasks": len(self.learner.tasks),
+                   {"learned_from": "observed updates (GIML)", "tasks": self.tasks,
                     "after_round": after_round, "started_from": self.params.generator})
         self.learner.generator.to(self.learner.device)
-        self.current = str(path)
         return path
 
     def close(self) -> None:
-        if self.round is not None:
-            self.save(self.round)
         self.pool.close()
 
     def abort(self) -> None:

@@ -88,7 +88,8 @@ def make_sink(setup: ServerSetup) -> AttackSink | None:
     if "giml" not in scenario.attack.attacks:
         return pool
     params = resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)["giml"]
-    return GimlSink(pool, params, setup.splits.domain, setup.run_dir, setup.device, scenario.seed)
+    return GimlSink(pool, params, setup.splits.domain, setup.run_dir, setup.device, scenario.seed,
+                    done_rounds=setup.resume.round if setup.resume else 0)
 
 
 def prepare_run(scenario_path: str | Path, out: str | Path | None = None, show_progress: bool = True,
