@@ -414,6 +414,58 @@ def load_auxiliary(spec: DataSpec, seed: int, count: int) -> tuple[torch.Tensor,
     return _photo_split(count, spec.image_size, _rng(seed, _STREAM_AUXILIARY))
 
 
+#: image files an auxiliary folder may hold (searched recursively)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def unassigned_training_images(scenario: Scenario, splits: DatasetSplits, count: int) -> torch.Tensor:
+    """``count`` images (N, C, H, W) in [0, 1] of the training pool that no client of ``scenario``
+    holds (its partitions), a seeded choice: auxiliary data from the clients' distribution for
+    the data sets without a generated auxiliary stream. DataError when fewer than ``count`` are
+    left, naming the keys that make room."""
+    try:
+        assigned = torch.cat(scenario_partitions(scenario, splits))
+    except ValueError as exc:
+        raise DataError(f"data set '{scenario.data.dataset}': {exc}") from None
+    free = np.setdiff1d(np.arange(len(splits.train_y)), assigned.numpy())
+    if len(free) < count:
+        raise DataError(f"data set '{scenario.data.dataset}': {len(free)} of the {len(splits.train_y)} training "
+                        f"images are held by no client, {count} auxiliary images asked for; ask for fewer "
+                        f"(--examples), or raise data.train_examples or lower federation.num_clients × "
+                        f"data.examples_per_client, or give a folder of your own images (--aux-folder)")
+    chosen = _rng(scenario.seed, _STREAM_AUXILIARY).choice(free, size=count, replace=False)
+    return splits.domain.to_unit(splits.train_x[torch.from_numpy(np.sort(chosen))])
+
+
+def load_image_folder(folder: str | Path, shape: tuple[int, int, int], count: int, seed: int) -> torch.Tensor:
+    """Up to ``count`` images (N, C, H, W) in [0, 1] from the image files under ``folder`` (any
+    depth; a seeded choice when there are more), centre-cropped square and resized to ``shape``
+    (C = 1: greyscale, 3: RGB). DataError naming the folder or the file when there is no image or
+    one is unreadable."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import center_crop, pil_to_tensor
+
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise DataError(f"auxiliary folder '{root}': no such folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"auxiliary folder '{root}': no image files ({', '.join(IMAGE_SUFFIXES)})")
+    if len(files) > count:
+        files = [files[i] for i in np.sort(_rng(seed, _STREAM_AUXILIARY).choice(len(files), count, replace=False))]
+    channels, size = shape[0], shape[1]
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                unit = pil_to_tensor(img.convert("L" if channels == 1 else "RGB")).float() / 255.0
+        except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
+            raise DataError(f"auxiliary folder '{root}': cannot read image '{path}' ({type(exc).__name__}: {exc}); "
+                            "replace or remove that file") from None
+        images.append(_resize(center_crop(unit, [min(unit.shape[1:])])[None], size))
+    return torch.cat(images)
+
+
 def scenario_partitions(scenario: Scenario, splits: DatasetSplits) -> list[torch.Tensor]:
     """The index tensor of every client of ``scenario`` into ``splits.train_x`` (its partition
     scheme, sizes and seed); raises ValueError when the pool is too small."""

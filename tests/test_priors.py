@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from adversary.priors.checkpoint import PriorError, load_prior, save_prior
 from adversary.priors.dcgan import Generator
 from adversary.priors.training import PriorTraining, train_prior
-from fedsim.data import load_auxiliary, load_data
+from fedsim.data import DataError, load_auxiliary, load_data, load_image_folder, scenario_partitions
 from fedsim.run.cli import main
+from fedsim.run.preparation import validate_scenario
+from fedsim.run.prior import auxiliary_images
 from fedsim.scenario import DataSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -130,3 +133,56 @@ def test_auxiliary_data_is_disjoint_from_every_clients_data():
     # identical, distance ~1e-6; the closest distinct crops here are ~0.2 apart, of dark galaxy sky)
     assert nearest.min() > 0.05
     assert torch.equal(load_auxiliary(spec, seed=0, count=300)[0], aux)  # seeded
+
+
+LFW_SCENARIO = """
+name = "aux"
+seed = 4
+[data]
+dataset = "lfw_faces"
+image_size = 16
+examples_per_client = 10
+[federation]
+num_clients = 4
+clients_per_round = 2
+rounds = 1
+"""
+
+
+def test_other_data_sets_train_their_prior_on_the_training_images_no_client_holds(tmp_path):
+    path = tmp_path / "aux.toml"
+    path.write_text(LFW_SCENARIO)
+    scenario = validate_scenario(path)
+    splits = load_data(scenario.data, scenario.seed)
+    images, source = auxiliary_images(scenario, 30)
+    assert images.shape == (30, *splits.domain.shape) and source["split"] == "training images held by no client"
+    clients = splits.domain.to_unit(splits.train_x[torch.cat(scenario_partitions(scenario, splits))]).flatten(1)
+    exact = "donot_use_mm_for_euclid_dist"
+    assert torch.cdist(images.flatten(1), clients, compute_mode=exact).min() > 1e-3  # none of the 40 client images
+    pool = splits.domain.to_unit(splits.train_x).flatten(1)
+    assert torch.cdist(images.flatten(1), pool, compute_mode=exact).min(dim=1).values.max() < 1e-5  # all from it
+    free = len(splits.train_y) - 40
+    with pytest.raises(DataError, match=f"{free} of the {len(splits.train_y)} .*--examples.*data.train_examples"):
+        auxiliary_images(scenario, free + 1)
+
+
+def test_train_prior_takes_the_image_files_of_a_folder(tmp_path, capsys):
+    folder = tmp_path / "mine" / "nested"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 20), (51, 102, 153)).save(folder / "wide.png")
+    Image.new("L", (10, 10), 200).save(tmp_path / "mine" / "grey.jpg")
+    (tmp_path / "mine" / "notes.txt").write_text("not an image")
+    images = load_image_folder(tmp_path / "mine", (3, 8, 8), count=10, seed=0)
+    assert images.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(images[1].mean(dim=(1, 2)), torch.tensor([0.2, 0.4, 0.6]), atol=2e-3, rtol=0)
+    torch.testing.assert_close(images[0], torch.full((3, 8, 8), 200 / 255), atol=2e-2, rtol=0)  # JPEG, greyscale
+    out = tmp_path / "prior.pt"
+    args = ["--quiet", "train-prior", str(ROOT / "scenarios" / "geiping_fedsgd_b1.toml"), "--out", str(out),
+            "--steps", "2", "--width", "4", "--latent-dim", "8", "--aux-folder", str(tmp_path / "mine")]
+    assert main(args) == 0, capsys.readouterr().err
+    _, header = load_prior(out, (3, 32, 32))
+    assert header.data["dataset"] == "folder" and header.data["examples"] == 2
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.png" in err, err

@@ -138,9 +138,11 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')}: got {value}, must be >= 1")
     settings = PriorTraining(**chosen)
-    outcome = train_prior_for(args.scenario, args.out, settings, args.examples, show_progress=not args.quiet)
+    outcome = train_prior_for(args.scenario, args.out, settings, args.examples, show_progress=not args.quiet,
+                              folder=args.aux_folder)
     print(f"Prior: {outcome.checkpoint} ({outcome.header.architecture}, images {list(outcome.header.image_shape)}, "
-          f"{args.examples} auxiliary images; last 100 steps: d_loss {outcome.d_loss:.3f}, "
+          f"{outcome.header.data['examples']} auxiliary images from {outcome.header.data['split']}; "
+          f"last 100 steps: d_loss {outcome.d_loss:.3f}, "
           f"g_loss {outcome.g_loss:.3f})")
     print(f"Samples: {outcome.samples} (auxiliary images above, generated samples below)")
     return 0
@@ -192,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("scenario", type=Path)
     prior.add_argument("--out", type=Path, required=True, help="checkpoint file (a PNG of samples goes beside it)")
     prior.add_argument("--steps", type=int, default=None, help="GAN training steps (default 3000)")
-    prior.add_argument("--examples", type=int, default=2000, help="auxiliary images to train on")
+    prior.add_argument("--examples", type=int, default=2000, help="auxiliary images to train on (at most)")
+    prior.add_argument("--aux-folder", type=Path, default=None, metavar="DIR",
+                       help="train on the image files under DIR (any depth) instead of the data set's auxiliary "
+                            "split (embedded photos: new crops; other data sets: training images no client holds)")
     prior.add_argument("--latent-dim", type=int, default=None, help="latent size (default 64)")
     prior.add_argument("--width", type=int, default=None, help="base channel width of both nets (default 32)")
     prior.set_defaults(func=cmd_train_prior)

@@ -1,6 +1,6 @@
 """``fedsim train-prior``: train the attacker's generative prior (GIAS/GIML) on auxiliary data
-disjoint from every client's data (:func:`fedsim.data.load_auxiliary`), with a progress bar of
-the losses; writes the checkpoint and a PNG grid of samples beside it (``OUT.png``)."""
+disjoint from every client's data (:func:`auxiliary_images`), with a progress bar of the losses;
+writes the checkpoint and a PNG grid of samples beside it (``OUT.png``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,8 +12,9 @@ from tqdm import tqdm
 from adversary.priors.checkpoint import PriorHeader, save_prior
 from adversary.priors.training import PriorTraining, train_prior
 from adversary.scoring.images import save_comparison_grid
-from fedsim.data import load_auxiliary
+from fedsim.data import (AUXILIARY, load_auxiliary, load_data, load_image_folder, unassigned_training_images)
 from fedsim.run.preparation import validate_scenario
+from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 
 
@@ -28,12 +29,30 @@ class PriorOutcome:
     g_loss: float
 
 
+def auxiliary_images(scenario: Scenario, examples: int, folder: str | Path | None = None) -> tuple[torch.Tensor, dict]:
+    """The attacker's auxiliary images (N, C, H, W) in [0, 1] for ``scenario``'s image shape, and
+    where they came from: the image files under ``folder`` when given; else the data set's own
+    auxiliary stream (embedded photos: new crops, :func:`fedsim.data.load_auxiliary`); else the
+    training images no client holds (:func:`fedsim.data.unassigned_training_images`)."""
+    spec = scenario.data
+    if folder is not None:
+        splits = load_data(spec, scenario.seed)
+        images = load_image_folder(folder, splits.domain.shape, examples, scenario.seed)
+        return images, {"dataset": "folder", "split": str(Path(folder).resolve())}
+    if spec.dataset in AUXILIARY:
+        return load_auxiliary(spec, scenario.seed, examples)[0], {"dataset": spec.dataset, "split": "auxiliary"}
+    splits = load_data(spec, scenario.seed)
+    return (unassigned_training_images(scenario, splits, examples),
+            {"dataset": spec.dataset, "split": "training images held by no client"})
+
+
 def train_prior_for(scenario_path: str | Path, out: str | Path, settings: PriorTraining, examples: int,
-                    show_progress: bool = True) -> PriorOutcome:
-    """Train a prior for ``scenario_path``'s data on ``examples`` auxiliary images."""
+                    show_progress: bool = True, folder: str | Path | None = None) -> PriorOutcome:
+    """Train a prior for ``scenario_path``'s data on ``examples`` auxiliary images (from
+    ``folder`` when given: :func:`auxiliary_images`)."""
     scenario = validate_scenario(scenario_path)
     out = Path(out)
-    images, _ = load_auxiliary(scenario.data, scenario.seed, examples)
+    images, source = auxiliary_images(scenario, examples, folder)
     seed = derive_seed(scenario.seed, "prior")
     bar = tqdm(total=settings.steps, desc="train-prior", unit="step", disable=not show_progress)
 
@@ -46,7 +65,7 @@ def train_prior_for(scenario_path: str | Path, out: str | Path, settings: PriorT
         trained = train_prior(images, settings, seed, on_step)
     finally:
         bar.close()
-    data = {"dataset": scenario.data.dataset, "split": "auxiliary", "examples": examples,
+    data = {**source, "examples": len(images),
             "image_size": scenario.data.image_size, "seed": scenario.seed, "scenario": str(scenario.source),
             "steps": settings.steps}
     header = save_prior(out, trained.generator, {"latent_dim": settings.latent_dim, "width": settings.width}, data)
