@@ -251,7 +251,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     # root writes into a 0o555 folder regardless: use a file system that refuses it instead
     locked = Path("/sys/fedsim-test-report.html") if os.geteuid() == 0 else read_only / "r.html"
     return {
-        "not a run directory": ([str(empty)], f"{empty} is not a run directory (no rounds.jsonl)"),
+        "not a run directory": ([str(empty)], f"{empty} is not a run directory (no rounds.jsonl, no leakage.jsonl)"),
         "missing": ([str(tmp_path / "nope")], "no such run directory"),
         "a file": ([str(a_file)], "is a file, not a run directory"),
         "corrupt records": ([str(corrupt)], f"{corrupt / 'rounds.jsonl'}: line 4 is not JSON"),
@@ -290,6 +290,40 @@ def test_fedsim_run_writes_the_report_after_its_tables(tmp_path, capsys, monkeyp
     assert out.rstrip().splitlines()[-1] == f"Report: {folder / 'report.html'}"
     assert out.index("Leakage") < out.index("Report:")
     assert len(_data_uris(folder / "report.html")) == 3 and seconds < 20
+
+
+SINGLE_SHOT = """
+name = "single"
+seed = 5
+[data]
+train_examples = 200
+test_examples = 100
+image_size = 16
+examples_per_client = 2
+[model]
+name = "convnet"
+width = 4
+[training]
+batch_size = 2
+max_steps = 1
+[attack]
+attacks = ["geiping"]
+[attack.geiping]
+iterations = 20
+"""
+
+
+def test_fedsim_attack_writes_its_summary_and_a_report_without_rounds(tmp_path, capsys):
+    scenario = tmp_path / "single.toml"
+    scenario.write_text(SINGLE_SHOT)
+    folder = tmp_path / "run"
+    assert main(["--quiet", "attack", str(scenario), "--out", str(folder)]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"Report: {folder / 'report.html'}"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (summary["status"], summary["attack_jobs"], summary["jobs_recorded"]) == ("completed", 1, 1)
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert "<h3>Leakage</h3>" in page and "<h3>Rounds</h3>" not in page and "attack jobs 1 of 1" in page
+    assert len(_data_uris(folder / "report.html")) == 2  # the leakage plot and the one grid
 
 
 def test_a_stopped_run_still_writes_its_report(tmp_path, capsys, monkeypatch):

@@ -91,6 +91,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     setup, records = attack_once(args.scenario, args.out, show_progress=not args.quiet)
     print(f"\nScenario {setup.scenario.name} ({setup.scenario.source}) -> {setup.run_dir.path}")
     print(leakage_table(records))
+    _write_report(setup)
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 

@@ -1,9 +1,11 @@
 """Single-shot mode (``fedsim attack``): the breaching-style experiment. One client trains
 once on the initial global model (round 1, exactly as in a full run with the same seed),
 the server observes the update, every planned attack runs in this process, and the
-leakage table is printed. No Flower, no Ray."""
+leakage table is printed; ``summary.json`` says how it ended. No Flower, no Ray."""
 from __future__ import annotations
 
+import resource
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -46,15 +48,27 @@ def attack_once(scenario_path: str | Path, out: str | Path | None = None,
     params = resolve_attack_params(plan.attacks, plan.params, scenario.source)
     lpips = LpipsScorer(device=setup.device)
     records = []
-    for job in plan_jobs(scenario, params, observation, truth, 0):
-        bar = tqdm(desc=f"{job.attack} r1 c{client}", unit="it", disable=not show_progress)
+    jobs = plan_jobs(scenario, params, observation, truth, 0)
+    started, status = time.monotonic(), "failed"
+    try:
+        for job in jobs:
+            bar = tqdm(desc=f"{job.attack} r1 c{client}", unit="it", disable=not show_progress)
 
-        def progress(iteration: int, total: int, objective: float, bar: tqdm = bar) -> None:
-            bar.total = total
-            bar.n = iteration
-            bar.set_postfix(objective=f"{objective:.4g}", refresh=True)
+            def progress(iteration: int, total: int, objective: float, bar: tqdm = bar) -> None:
+                bar.total = total
+                bar.n = iteration
+                bar.set_postfix(objective=f"{objective:.4g}", refresh=True)
 
-        outcome = run_job(job, setup.device, lpips, progress)
-        bar.close()
-        records.append(store_result(setup.run_dir, outcome))
+            outcome = run_job(job, setup.device, lpips, progress)
+            bar.close()
+            records.append(store_result(setup.run_dir, outcome))
+        status = "completed"
+    except (KeyboardInterrupt, SystemExit):
+        status = "interrupted"
+        raise
+    finally:
+        setup.run_dir.write_summary({
+            "status": status, "attack_jobs": len(jobs), "jobs_recorded": len(records),
+            "seconds": round(time.monotonic() - started, 3),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
     return setup, records

@@ -76,7 +76,9 @@ def _status_html(run: Run) -> str:
     s = run.summary
     status = str(s.get("status", "?"))
     badge = "ok" if status == "completed" else "bad"
-    parts = [f"rounds {s.get('rounds_completed', '?')} of {s.get('rounds_planned', '?')}"]
+    parts = ([f"rounds {s.get('rounds_completed', '?')} of {s.get('rounds_planned', '?')}"] if "rounds_planned" in s
+             else [f"single-shot attack on one round-1 update, attack jobs {s.get('jobs_recorded', '?')} of "
+                   f"{s.get('attack_jobs', '?')}"])
     if finite(s.get("seconds")):
         parts.append(f"{s['seconds']:.1f} s")
     if finite(s.get("driver_peak_rss_mb")):
@@ -195,9 +197,10 @@ def _write(runs: list[Run], out: Path, files: Path) -> Report:
         parts.append(f'<p class="meta">defense <b>{_esc(run.defense)}</b>{_esc(params)} · attacks '
                      f"{_esc(', '.join(attacks) if attacks else 'none planned')}</p>")
         parts.append(f'<p class="meta">ends: {_status_html(run)}</p>')
-        figures.append(accuracy_plot(run, files / f"{prefix}accuracy.png"))
-        parts.append(f"<figure>{image(figures[-1], f'{run.label}: test accuracy per round')}</figure>")
-        parts.append("<h3>Rounds</h3>" + _rounds_html(run))
+        if run.rounds or not run.leakage:  # a single-shot attack has no rounds
+            figures.append(accuracy_plot(run, files / f"{prefix}accuracy.png"))
+            parts.append(f"<figure>{image(figures[-1], f'{run.label}: test accuracy per round')}</figure>")
+            parts.append("<h3>Rounds</h3>" + _rounds_html(run))
         if run.leakage:
             figures.append(leakage_plot(run, files / f"{prefix}leakage.png"))
             parts.append("<h3>Leakage</h3>")

@@ -140,15 +140,18 @@ def recovered_share(records: list[dict[str, Any]]) -> float | None:
 
 def load_run(path: str | Path) -> Run:
     """Read a run directory; :class:`ReportError` if ``path`` is not one or its records do not parse.
-    ``leakage.jsonl``, ``summary.json``, ``scenario.toml`` and ``reconstructions/`` may be absent."""
+    ``summary.json``, ``scenario.toml``, ``reconstructions/`` and one of ``rounds.jsonl`` and
+    ``leakage.jsonl`` may be absent."""
     path = Path(path)
     if not path.exists():
         raise ReportError(f"{path}: no such run directory")
     if not path.is_dir():
         raise ReportError(f"{path} is a file, not a run directory")
-    if not (path / ROUNDS).is_file():
-        raise ReportError(f"{path} is not a run directory (no {ROUNDS}); give the folder `fedsim run` wrote")
-    rounds = _read_jsonl(path / ROUNDS, ("round",), _ROUND_DEFAULTS)
+    if not (path / ROUNDS).is_file() and not (path / LEAKAGE).is_file():
+        raise ReportError(f"{path} is not a run directory (no {ROUNDS}, no {LEAKAGE}); give the folder "
+                          "`fedsim run` or `fedsim attack` wrote")
+    # a single-shot attack (``fedsim attack``) has leakage records and no rounds
+    rounds = _read_jsonl(path / ROUNDS, ("round",), _ROUND_DEFAULTS) if (path / ROUNDS).is_file() else []
     leakage = _read_jsonl(path / LEAKAGE, ("round",), _LEAKAGE_DEFAULTS) if (path / LEAKAGE).is_file() else []
     scenario: dict[str, Any] = {}
     if (path / "scenario.toml").is_file():
