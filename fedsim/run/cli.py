@@ -46,17 +46,12 @@ def _print_tables(setup) -> None:  # noqa: ANN001 - a server.app.ServerSetup
 
 
 def _write_report(setup) -> None:  # noqa: ANN001 - a server.app.ServerSetup
-    """The run's ``report.html``, after its tables; a report that cannot be made is one warning
-    line, never a different exit status (the records are on disk: ``fedsim report`` retries)."""
-    from fedsim.run.report import build_report
+    """The run's ``report.html``, after its tables (:func:`fedsim.run.ending.write_report`)."""
+    from fedsim.run.ending import write_report
 
-    try:
-        report = build_report([setup.run_dir.path])
-    except Exception as exc:  # noqa: BLE001 - the run's result must not depend on its report
-        print(f"fedsim: warning: no report written ({type(exc).__name__}: {exc}); "
-              f"retry with `fedsim report {setup.run_dir.path}`", file=sys.stderr)
-        return
-    print(f"\nReport: {report.html}")
+    html = write_report(setup.run_dir.path)
+    if html is not None:
+        print(f"\nReport: {html}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

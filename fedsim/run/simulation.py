@@ -8,7 +8,6 @@ deprecated ``run_simulation`` to ``flwr run`` is a one-place edit.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 import warnings
 from pathlib import Path
@@ -17,9 +16,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.app import app as client_app
+from fedsim.run.ending import federated_outcome
 from fedsim.run.preparation import make_sink, prepare_resume, prepare_run, validate_scenario
 from fedsim.run.ray_cluster import check_address, check_cluster, start_ray, stop_ray
-from fedsim.rundir import FLOWER_LOG, ROUNDS
+from fedsim.rundir import FLOWER_LOG
 from fedsim.scenario import Scenario
 from server.app import ServerSetup, serve
 from server.stops import RunStopped
@@ -92,27 +92,14 @@ def run_scenario(scenario_path: str | Path | None, out: str | Path | None = None
     except BaseException:
         stop_ray()
         raise
-    scenario = setup.scenario
     setup.verbose = verbose
-    status = "crashed"
     try:
-        setup.sink = make_sink(setup)
-        run_federation(setup)
-        status = "completed"
+        with federated_outcome(setup, started):
+            setup.sink = make_sink(setup)
+            run_federation(setup)
     except RunStopped as stop:
-        status = f"stopped: {stop}"
         stop.setup = setup  # the CLI prints what was done
-        raise
-    except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            status = "interrupted"
-        if setup.sink is not None:
-            setup.sink.abort()
         raise
     finally:
         stop_ray()
-        setup.run_dir.write_summary({
-            "status": status, "rounds_completed": len(setup.run_dir.read(ROUNDS)),
-            "rounds_planned": scenario.federation.rounds, "seconds": round(time.monotonic() - started, 3),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
     return setup

@@ -4,7 +4,6 @@ the server observes the update, every planned attack runs in this process, and t
 leakage table is printed; ``summary.json`` says how it ended. No Flower, no Ray."""
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from clients.training import run_client_round
 from fedsim.config import ScenarioError
 from fedsim.data import DatasetSplits, scenario_partitions
 from fedsim.models import initial_model, state_to_tensors
+from fedsim.run.ending import peak_memory_mb
 from fedsim.run.preparation import prepare_run
 from fedsim.scenario import Scenario
 from server.app import ServerSetup
@@ -70,5 +70,5 @@ def attack_once(scenario_path: str | Path, out: str | Path | None = None,
         setup.run_dir.write_summary({
             "status": status, "attack_jobs": len(jobs), "jobs_recorded": len(records),
             "seconds": round(time.monotonic() - started, 3),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+            "driver_peak_rss_mb": peak_memory_mb()})
     return setup, records
