@@ -93,7 +93,8 @@ def attack_case(scenario: Scenario, batches: int, chosen: dict[str, tuple[str, o
 
 def summarise(records: list[dict]) -> dict:
     psnrs = [p for r in records for p in r["psnr"]]
-    return {"images": len(psnrs), "psnr_mean": statistics.fmean(psnrs), "psnr_median": statistics.median(psnrs),
+    return {"updates": len(records), "images": len(psnrs), "psnr_mean": statistics.fmean(psnrs),
+            "psnr_median": statistics.median(psnrs),
             "ssim_mean": statistics.fmean(r["ssim_mean"] for r in records),
             "label_acc": statistics.fmean(r["label_acc"] for r in records),
             "evaluations": records[0]["iterations"],
@@ -101,11 +102,12 @@ def summarise(records: list[dict]) -> dict:
 
 
 def markdown(summary: dict[str, dict[str, dict]]) -> str:
-    lines = ["| update | method | images | PSNR mean (dB) | PSNR median (dB) | SSIM mean | label acc | "
-             "evaluations | s / batch |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| update | method | updates | images | PSNR mean (dB) | PSNR median (dB) | SSIM mean | label acc | "
+             "evaluations | s / batch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for case, by_method in summary.items():
         for name, s in by_method.items():
-            lines.append(f"| {case} | {name} | {s['images']} | {s['psnr_mean']:.2f} | {s['psnr_median']:.2f} | "
+            lines.append(f"| {case} | {name} | {s['updates']} | {s['images']} | {s['psnr_mean']:.2f} | "
+                         f"{s['psnr_median']:.2f} | "
                          f"{s['ssim_mean']:.3f} | {s['label_acc']:.2f} | {s['evaluations']} | "
                          f"{s['seconds_per_batch']:.0f} |")
     return "\n".join(lines)
