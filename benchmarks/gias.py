@@ -1,13 +1,19 @@
 """Benchmark of GIAS (Jeon et al., NeurIPS'21) against Geiping's attack on the same updates.
 
 Base scenario ``scenarios/geiping_fedsgd_b1.toml`` (untrained ConvNet, embedded 32x32 photos,
-labels recovered from the update). For every batch size b, clients 0, 1, ... train once on b
-images (FedSGD: one step) and every method inverts the *same* observed update with the same
-number of matching-objective evaluations E:
+labels recovered from the update). For every batch size b, clients 0 .. ``--batches``-1 (4 by
+default) train once on b images (FedSGD: one step) and every method inverts the *same* observed
+update with the same number of matching-objective evaluations E:
 
 - GI-x: Geiping's attack (``geiping``), E pixel-search steps;
 - GI-z: ``gias`` with stage "z", E latent-search steps through the auxiliary-trained prior;
-- GI-z/w: ``gias`` with stage "z/w" (GIAS), E/3 latent + 2E/3 parameter-search steps.
+- GI-w: ``gias`` with stage "w", E parameter-search steps from random latents;
+- GI-z/w: ``gias`` with stage "z/w" (GIAS), E/3 latent + 2E/3 parameter-search steps;
+- GI-z, GI-w, GI-z/w (untrained G): the same with an untrained DCGAN instead of the prior.
+
+The paper's ablation rows (GI-w and the untrained generator) run on the cases of
+``--ablation-batch-sizes`` (b = 8 by default); the GIML-trained generator's rows are
+``benchmarks/giml.py``'s.
 
 Then a multi-step update (b images, batch b/2, 2 local epochs, momentum 0.9: 4 SGD steps, the
 local training unrolled by every method). The prior is a ``fedsim train-prior`` checkpoint
@@ -47,15 +53,23 @@ from fedsim.run.single_shot import observe_first_update  # noqa: E402
 from fedsim.scenario import Scenario  # noqa: E402
 
 
-def methods(prior: Path, evaluations: int) -> dict[str, tuple[str, object]]:
-    """Method name -> (attack, params), each spending ``evaluations`` objective evaluations."""
+#: the rows of the paper's ablation beyond GI-x, GI-z and GI-z/w with the trained prior
+ABLATIONS = ("GI-w", "GI-z (untrained G)", "GI-w (untrained G)", "GI-z/w (untrained G)")
+
+
+def methods(prior: Path, evaluations: int, ablations: bool) -> dict[str, tuple[str, object]]:
+    """Method name -> (attack, params), each spending ``evaluations`` objective evaluations;
+    ``ablations``: also GI-w and the untrained-generator rows (:data:`ABLATIONS`)."""
     third = evaluations // 3
-    return {
-        "GI-x": ("geiping", replace(GeipingParams(), iterations=evaluations)),
-        "GI-z": ("gias", GiasParams(stage="z", generator=str(prior), latent_iterations=evaluations)),
-        "GI-z/w": ("gias", GiasParams(stage="z/w", generator=str(prior), latent_iterations=third,
-                                      parameter_iterations=evaluations - third)),
-    }
+    stages = {"GI-z": GiasParams(stage="z", latent_iterations=evaluations),
+              "GI-w": GiasParams(stage="w", parameter_iterations=evaluations),
+              "GI-z/w": GiasParams(stage="z/w", latent_iterations=third, parameter_iterations=evaluations - third)}
+    chosen: dict[str, tuple[str, object]] = {"GI-x": ("geiping", replace(GeipingParams(), iterations=evaluations))}
+    for name, params in stages.items():
+        chosen[name] = ("gias", replace(params, generator=str(prior)))
+    for name, params in stages.items():
+        chosen[f"{name} (untrained G)"] = ("gias", params)  # GiasParams' default generator: untrained
+    return {name: method for name, method in chosen.items() if ablations or name not in ABLATIONS}
 
 
 def attack_case(scenario: Scenario, batches: int, chosen: dict[str, tuple[str, object]],
@@ -79,7 +93,8 @@ def attack_case(scenario: Scenario, batches: int, chosen: dict[str, tuple[str, o
 
 def summarise(records: list[dict]) -> dict:
     psnrs = [p for r in records for p in r["psnr"]]
-    return {"images": len(psnrs), "psnr_mean": statistics.fmean(psnrs), "psnr_median": statistics.median(psnrs),
+    return {"updates": len(records), "images": len(psnrs), "psnr_mean": statistics.fmean(psnrs),
+            "psnr_median": statistics.median(psnrs),
             "ssim_mean": statistics.fmean(r["ssim_mean"] for r in records),
             "label_acc": statistics.fmean(r["label_acc"] for r in records),
             "evaluations": records[0]["iterations"],
@@ -87,11 +102,12 @@ def summarise(records: list[dict]) -> dict:
 
 
 def markdown(summary: dict[str, dict[str, dict]]) -> str:
-    lines = ["| update | method | images | PSNR mean (dB) | PSNR median (dB) | SSIM mean | label acc | "
-             "evaluations | s / batch |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| update | method | updates | images | PSNR mean (dB) | PSNR median (dB) | SSIM mean | label acc | "
+             "evaluations | s / batch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for case, by_method in summary.items():
         for name, s in by_method.items():
-            lines.append(f"| {case} | {name} | {s['images']} | {s['psnr_mean']:.2f} | {s['psnr_median']:.2f} | "
+            lines.append(f"| {case} | {name} | {s['updates']} | {s['images']} | {s['psnr_mean']:.2f} | "
+                         f"{s['psnr_median']:.2f} | "
                          f"{s['ssim_mean']:.3f} | {s['label_acc']:.2f} | {s['evaluations']} | "
                          f"{s['seconds_per_batch']:.0f} |")
     return "\n".join(lines)
@@ -104,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prior-steps", type=int, default=PriorTraining().steps)
     ap.add_argument("--evaluations", type=int, default=300, help="objective evaluations per method")
     ap.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 4])
-    ap.add_argument("--batches", type=int, default=2, help="client updates per case")
+    ap.add_argument("--batches", type=int, default=4, help="client updates per case (clients 0 .. batches-1)")
+    ap.add_argument("--ablation-batch-sizes", type=int, nargs="*", default=[8],
+                    help="FedSGD cases that also run GI-w and the untrained-generator rows")
     ap.add_argument("--multistep-batch", type=int, default=4, help="images of the multi-step update (0: skip)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -116,17 +134,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"training the prior {args.prior} ({args.prior_steps} steps)", flush=True)
         train_prior_for(args.scenario, args.prior, PriorTraining(steps=args.prior_steps), 2000, show_progress=False)
     base = validate_scenario(args.scenario)
-    chosen = methods(args.prior, args.evaluations)
     result: dict = {"scenario": str(args.scenario), "prior": str(args.prior), "evaluations": args.evaluations,
                     "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                                 "platform": platform.platform(), "loadavg_start": os.getloadavg()},
                     "runs": {}, "summary": {}}
-    cases = [(f"FedSGD b={b}", variant(base, b)) for b in args.batch_sizes]
+    cases = [(f"FedSGD b={b}", variant(base, b), b in args.ablation_batch_sizes) for b in args.batch_sizes]
     if args.multistep_batch:
         b = args.multistep_batch
-        cases.append((f"{b} images, batch {b // 2}, 2 epochs, momentum 0.9", multistep_variant(base, b)))
-    for name, scenario in cases:
+        cases.append((f"{b} images, batch {b // 2}, 2 epochs, momentum 0.9", multistep_variant(base, b), False))
+    for name, scenario, ablations in cases:
         print(name, flush=True)
+        chosen = methods(args.prior, args.evaluations, ablations)
         result["runs"][name] = attack_case(scenario, args.batches, chosen, device)
         result["summary"][name] = {m: summarise(r) for m, r in result["runs"][name].items()}
         if args.out is not None:

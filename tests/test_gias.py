@@ -3,8 +3,10 @@
 ``benchmarks/gias.py``."""
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from torch import nn
 
 from adversary.attacks import geiping, gias
 from adversary.attacks.base import AttackContext
+from adversary.maths.matching import Matcher
+from adversary.maths.objectives import total_variation
 from adversary.priors.checkpoint import save_prior
 from adversary.scoring.metrics import score_reconstruction
 from fedsim.data import load_data
@@ -19,6 +23,7 @@ from fedsim.scenario import DataSpec, ModelSpec, TrainingSpec
 from helpers import client_update
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec(name="convnet", width=8)
 
 
@@ -97,3 +102,33 @@ def test_deadline_is_respected(case):
     rec = gias.run(obs, replace(params, latent_iterations=100_000), AttackContext(seed=0, deadline=start + 1.0))
     assert rec.extras["stopped_early"] and time.monotonic() - start < 5.0
     assert rec.inputs.shape == x.shape and 0 < rec.iterations < 100_000
+
+
+def test_gias_scores_images_by_geipings_objective(case):
+    """With the defaults GI-x and GIAS differ only in what they search over: the objective GIAS
+    reports for its images is Geiping's (matching + Geiping's TV weight × TV) at those images."""
+    domain, obs, x, y, params = case
+    rec = gias.run(obs, replace(params, stage="z", latent_iterations=5), AttackContext(seed=0))
+    pixels = geiping.GeipingParams()
+    matcher = Matcher(obs, torch.device("cpu"), "unroll", bn_weight=pixels.bn_weight)
+    tv = pixels.tv_weight * total_variation(rec.inputs)
+    assert tv.item() > 1e-3 * rec.objective  # the TV term is ten times the tolerance below
+    assert rec.objective == pytest.approx((matcher(rec.inputs, rec.labels) + tv).item(), rel=1e-4)
+
+
+def test_the_benchmark_gives_every_method_the_same_budget():
+    """benchmarks/gias.py: GI-x, GI-z, GI-z/w, and with the ablations GI-w and the untrained-
+    generator rows, each spend exactly E objective evaluations."""
+    spec = importlib.util.spec_from_file_location("gias_benchmark", ROOT / "benchmarks" / "gias.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    chosen = bench.methods(Path("prior.pt"), 300, ablations=True)
+    assert list(chosen) == ["GI-x", "GI-z", "GI-w", "GI-z/w", "GI-z (untrained G)", "GI-w (untrained G)",
+                            "GI-z/w (untrained G)"]
+    budgets = {name: p.iterations * p.restarts if attack == "geiping" else p.evaluations
+               for name, (attack, p) in chosen.items()}
+    assert set(budgets.values()) == {300}
+    stages = {name: p.stage for name, (attack, p) in chosen.items() if attack == "gias"}
+    assert stages["GI-w"] == stages["GI-w (untrained G)"] == "w" and stages["GI-z/w"] == "z/w"
+    assert [p.generator for name, (_, p) in chosen.items() if "untrained" in name] == ["untrained"] * 3
+    assert list(bench.methods(Path("prior.pt"), 300, ablations=False)) == ["GI-x", "GI-z", "GI-z/w"]

@@ -20,7 +20,13 @@ _META = GimlSettings()
 
 @dataclass(frozen=True)
 class GimlParams(GiasParams):
-    """GIAS's parameters (the attack) plus the meta-learning's (per observed update)."""
+    """GIAS's parameters (the attack) plus the meta-learning's (per observed update). TV weight
+    and parameter lr keep the values the GIML curve (benchmarks/results/giml_cpu.json) was
+    measured with; GIAS's own defaults (Geiping's TV, lr 3e-4) were measured with the auxiliary
+    prior only."""
+
+    tv_weight: float = field(default=_META.tv_weight, metadata={"min": 0.0})
+    parameter_lr: float = field(default=1e-4, metadata={"gt": 0.0})
 
     meta_latent_iterations: int = field(default=_META.latent_iterations,
                                         metadata={"min": 1, "doc": "latent-search steps per observed update"})
