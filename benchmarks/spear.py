@@ -187,7 +187,8 @@ def guided_batch(splits, b: int, seed: int, budget: float, hidden: int, guide_it
     gw, gb = -obs.update["layers.0.weight"] / 0.1, -obs.update["layers.0.bias"] / 0.1
     left = max(1.0, budget - (time.monotonic() - started))
     res = spear_invert_linear(gw, gb, weight=layer.weight.detach(), bias=layer.bias.detach(), seed=seed,
-                              params=replace(params, time_budget_s=left), device=device, guide=guide)
+                              params=replace(params, time_budget_s=left), device=device, guide=guide,
+                              next_weight=model.layers[2].weight.detach())
     seconds = time.monotonic() - started
     err = matched_error(res.X, x)
     return {"b": b, "seed": seed, "hidden": hidden, **res.summary(), **note, "seconds": round(seconds, 3),

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from adversary.attacks.base import AttackContext
 from adversary.attacks.spear import SpearParams, spear_invert_linear
+from adversary.attacks.spear.attack import next_linear
+from adversary.attacks.spear.candidates import NEXT_LAYER_TOL, next_layer_residual
 from adversary.attacks.spear.guide import Guide, GuidedSampler, constrained_coordinates
-from adversary.attacks.spear.problem import Problem
+from adversary.attacks.spear.problem import Problem, zero_pattern
 from adversary.runtime.registry import ATTACKS
 from fedsim.models import MLP
 from fedsim.scenario import TrainingSpec
@@ -111,3 +113,26 @@ def test_the_b25_scenario_is_recovered_exactly(tmp_path):
     (record,) = records
     assert record["extras"]["status"] == "exact" and record["recovered_share"] == 1.0
     assert record["extras"]["guide"] == "geiping"
+
+
+def test_next_layer_test_passes_true_directions_and_rejects_mixtures(photos):
+    """δ_i = diag(z_i > 0) W_nextᵀ ∂L/∂y_i: a true direction is in the column space of W_nextᵀ on its
+    nonzero rows (residual at float32 noise), a mixture of two examples is not."""
+    x, layer, gw, gb, gz = _fedsgd(photos, 8, 5)
+    torch.manual_seed(5)
+    W2 = MLP(x[0].numel(), 10, (256,)).layers[2].weight.detach()  # the model _fedsgd built
+    G = gw.double()
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    prob = Problem(G, gb, 8, layer.weight, layer.bias, U, S, Vh, SpearParams(), next_weight=W2)
+    Q = torch.linalg.lstsq(prob.L, gz.double().T).solution
+    Q = Q / Q.norm(dim=0)
+    true = [next_layer_residual(prob, q, zero_pattern(prob, q, 1e-6)) for q in Q.T]
+    mixed = (Q[:, 0] + Q[:, 1]) / (Q[:, 0] + Q[:, 1]).norm()
+    assert max(true) < 1e-5
+    assert next_layer_residual(prob, mixed, zero_pattern(prob, mixed, 1e-6)) > 0.3 > NEXT_LAYER_TOL
+
+
+def test_next_linear_is_the_layer_fed_by_relu():
+    model = MLP(3 * 32 * 32, 10, (256,))
+    assert next_linear(model, model.layers[0], (3, 32, 32)) == "layers.2"
+    assert next_linear(model, model.layers[2], (3, 32, 32)) is None  # the output layer feeds nothing

@@ -33,7 +33,8 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                         checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                         params: SpearParams | None = None, device: torch.device | str = "cpu",
                         seed: int = 0, deadline: float | None = None, guide: Guide | None = None,
-                        progress: Callable[[int, int, int], None] | None = None) -> SpearResult:
+                        progress: Callable[[int, int, int], None] | None = None,
+                        next_weight: torch.Tensor | None = None) -> SpearResult:
     """Recover the inputs of a linear layer (followed by ReLU) from its gradients.
 
     ``grad_weight`` (m×n) and ``grad_bias`` (m,) are ∂L/∂W and ∂L/∂b of the batch loss.
@@ -45,6 +46,9 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     updates use :func:`adversary.attacks.spear.replay.replay_checker`. ``guide``: an
     approximate batch whose predicted inactive neurons steer part of the draws
     (:mod:`adversary.attacks.spear.guide`); the uniform search runs alongside, unchanged.
+    ``next_weight`` (o×m): the weight of the linear layer that takes ReLU(Z) as its only input,
+    at the gradient's θ; with it a candidate must be ``W_nextᵀ g`` on its nonzero rows
+    (:func:`adversary.attacks.spear.candidates.next_layer_residual`).
     ``deadline`` is a ``time.monotonic()`` value; ``progress(directions_found, b, samples)``.
     """
     params = params or SpearParams()
@@ -66,6 +70,7 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
         return SpearResult(X, delta, b, samples, time.monotonic() - t0, exact, status, svals, items,
                            pool.seen if pool else 0, endgame, None if bad is None else int(bad.sum()),
                            pool.rejected_mixture if pool else 0, pool.rejected_lp if pool else 0,
+                           pool.rejected_next_layer if pool else 0,
                            None if bad is None else bad.nonzero().flatten().tolist(),
                            sampler.drawn if sampler else 0, int(sampler.covered.sum()) if sampler else None)
 
@@ -73,7 +78,7 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
         return result("failed: zero gradient")
     if b > min(G.shape):
         return result("failed: batch size exceeds the layer dimensions")
-    prob = Problem(G, grad_bias, b, weight, bias, U, S, Vh, params, checker)
+    prob = Problem(G, grad_bias, b, weight, bias, U, S, Vh, params, checker, next_weight)
     relu = prob.weight is not None  # ReLU-pattern check, realisability LP and endgame
     check = relu or checker is not None
     use_filter = params.sparsity_threshold > 0
