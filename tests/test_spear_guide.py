@@ -13,7 +13,7 @@ from adversary.attacks.base import AttackContext
 from adversary.attacks.spear import SpearParams, spear_invert_linear
 from adversary.attacks.spear.attack import next_linear
 from adversary.attacks.spear.candidates import NEXT_LAYER_TOL, next_layer_residual
-from adversary.attacks.spear.guide import Guide, GuidedSampler, constrained_coordinates
+from adversary.attacks.spear.guide import Guide, GuidedSampler, constrained_coordinates, independent_rows
 from adversary.attacks.spear.problem import Problem, zero_pattern
 from adversary.runtime.registry import ATTACKS
 from fedsim.models import MLP
@@ -113,6 +113,23 @@ def test_the_b25_scenario_is_recovered_exactly(tmp_path):
     (record,) = records
     assert record["extras"]["status"] == "exact" and record["recovered_share"] == 1.0
     assert record["extras"]["guide"] == "geiping"
+
+
+def test_guided_draws_skip_rows_that_add_no_rank():
+    """Look-alike photos share their most surely inactive rows, which span fewer than b − 1
+    dimensions: a draw of the b − 1 best rows is degenerate. The draw skips rows inside the span of
+    those before it and reaches down the ranking."""
+    b = 20
+    gen = torch.Generator().manual_seed(0)
+    Lh = torch.randn(200, b, generator=gen, dtype=torch.float64)
+    Lh[:30, :3] = 0.0  # the 30 best-ranked rows span 17 dimensions
+    Lh = Lh / Lh.norm(dim=1, keepdim=True)
+    order = torch.stack([torch.arange(200), torch.cat([torch.arange(30, 200), torch.arange(30)])])
+    taken = independent_rows(Lh, order, b - 1)
+    assert int(torch.linalg.matrix_rank(Lh[order[0, :b - 1]])) == 17  # the plain choice
+    assert taken[0].tolist() == list(range(17)) + [30, 31]
+    assert taken[1].tolist() == list(range(30, 30 + b - 1))  # full rank already: unchanged
+    assert all(int(torch.linalg.matrix_rank(Lh[t])) == b - 1 for t in taken)
 
 
 def test_next_layer_test_passes_true_directions_and_rejects_mixtures(photos):
