@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from adversary.attacks.base import AttackContext
 from adversary.attacks.spear import SpearParams, spear_invert_linear
 from adversary.attacks.spear.attack import next_linear
-from adversary.attacks.spear.candidates import NEXT_LAYER_TOL, next_layer_residual
+from adversary.attacks.spear.candidates import NEXT_LAYER_TOL, CandidatePool, next_layer_residual
 from adversary.attacks.spear.guide import Guide, GuidedSampler, constrained_coordinates, independent_rows
 from adversary.attacks.spear.problem import Problem, zero_pattern
 from adversary.runtime.registry import ATTACKS
@@ -153,3 +153,35 @@ def test_next_linear_is_the_layer_fed_by_relu():
     model = MLP(3 * 32 * 32, 10, (256,))
     assert next_linear(model, model.layers[0], (3, 32, 32)) == "layers.2"
     assert next_linear(model, model.layers[2], (3, 32, 32)) is None  # the output layer feeds nothing
+
+
+def _twins(photos, b: int = 8, eps: float = 0.02):
+    """b photos where photo 1 is photo 0 plus noise of std ``eps`` (their zero sets differ in a
+    few rows): (batch, model, problem with the next layer, unit true directions (b, b))."""
+    pool = photos[0]
+    x = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:b]].clone()
+    x[1] = x[0] + eps * torch.randn(x[0].shape, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = MLP(x[0].numel(), 10, (256,))
+    layer = model.layers[0]
+    z = layer(x.flatten(1))
+    loss = F.cross_entropy(model.layers[2](torch.relu(z)), torch.arange(b) % 10)
+    gw, gb, gz = torch.autograd.grad(loss, [layer.weight, layer.bias, z])
+    G = gw.double()
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    prob = Problem(G, gb, b, layer.weight, layer.bias, U, S, Vh, SpearParams(), next_weight=model.layers[2].weight)
+    Q = torch.linalg.lstsq(prob.L, gz.double().T).solution
+    return x, model, prob, Q / Q.norm(dim=0)
+
+
+def test_a_near_twins_true_direction_is_kept_by_the_next_layer_test(photos):
+    """Photos 0 and 1 differ in 2 zero rows: each direction's zero set rests on one row beyond the
+    other's, which the single-row mixture test takes for a mixture. In the next layer's column
+    space at float32 noise, the pool keeps it; without the next layer both twins are refused."""
+    x, model, prob, Q = _twins(photos)
+    with_next = CandidatePool(prob, SpearParams(), True, True)
+    assert all(with_next.offer_direction(q) is not None for q in Q.T) and with_next.rejected_mixture == 0
+    prob.next_weight = None
+    without = CandidatePool(prob, SpearParams(), True, True)
+    assert [without.offer_direction(q) is not None for q in Q.T][:2] == [False, False]
+    assert without.rejected_mixture == 2
