@@ -185,3 +185,22 @@ def test_a_near_twins_true_direction_is_kept_by_the_next_layer_test(photos):
     without = CandidatePool(prob, SpearParams(), True, True)
     assert [without.offer_direction(q) is not None for q in Q.T][:2] == [False, False]
     assert without.rejected_mixture == 2
+
+
+def test_a_twins_direction_does_not_cover_the_other_twin(photos):
+    """The guide holds every photo but 1, and only photo 1's direction is found: photo 0, its twin,
+    shares almost all its most confident rows with that zero set but is not covered (its draw has
+    rank b − 1 inside its own zero set, so it cannot lie in photo 1's); a look-alike covered that
+    way stopped drawing for good. With photo 0's direction found, photo 0 is covered."""
+    x, model, prob, Q = _twins(photos, b=16)  # b − 1 = 15 rows: 90 % of them is not all
+    layer = model.layers[0]
+    guide = torch.cat([x[:1], x[2:]]).flatten(1)
+    sampler = GuidedSampler(prob, Guide(guide, layer.weight, layer.bias), 16, 0)
+    pool = CandidatePool(prob, SpearParams(), True, True)
+    assert pool.offer_direction(Q[:, 1]) is not None
+    shared = float(pool.items[0].zeros[sampler.top[0]].double().mean())
+    sampler.update_covered(pool)
+    assert shared >= 0.9 and not bool(sampler.covered.any())
+    assert pool.offer_direction(Q[:, 0]) is not None
+    sampler.update_covered(pool)
+    assert sampler.covered.tolist() == [True] + [False] * 14

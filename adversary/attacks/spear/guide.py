@@ -15,8 +15,8 @@ and every example's hit rate is above 10⁻³, against 6·10⁻⁸ for a uniform
 
 A wrong guide only costs draws: every draw goes through the candidate pool's filters, refit and
 checks like a uniform one. Each guide example gets at most ``draws_per_example`` draws, and
-none while a found direction's zero set holds 90 % of its most confident rows (covered; found
-directions and guide examples matched one-to-one), so a
+none while a found direction's zero set holds its noiseless draw (covered: that draw has rank
+b − 1, so it would only re-find that direction), so a
 useless guide costs a bounded number of submatrices on top of the uniform search, whose own
 sequence of draws is unchanged (separate random stream).
 """
@@ -25,13 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from adversary.attacks.spear.candidates import CandidatePool
 from adversary.attacks.spear.problem import Problem
 
 T_MIN, T_MAX = 0.05, 1.6  # Gumbel temperatures of the draws (log-uniform between)
-COVERED = 0.9  # share of an example's b − 1 most confident rows inside a found zero set
 DEPENDENT = 1e-3  # a unit row within this distance of the span of the rows before it adds nothing
 
 
@@ -172,15 +170,12 @@ class GuidedSampler:
         return independent_rows(self.prob.Lh, (self.key[owner] + temp * gumbel).argsort(1, descending=True), self.b - 1)
 
     def update_covered(self, pool: CandidatePool) -> None:
-        """Covered: the guide examples matched one-to-one (Hungarian, on the share of their most
-        confident rows inside the direction's zero set) to found directions, at a share ≥ 90 %.
-        One-to-one because similar photos share most inactive rows: one direction can hold
-        several examples' top rows, and only one of them is found."""
+        """Covered: the guide examples whose noiseless draw (``top``: b − 1 independent rows, one null
+        vector) lies inside a found direction's zero set; a draw near it would only re-find that
+        direction. (Before draws skipped dependent rows, look-alike photos' top rows lay in several
+        zero sets and a one-to-one matching stood in; measured at b = 50 it still marked 5 of 11
+        missing examples covered by a look-alike's direction, and they stopped drawing.)"""
         if not pool.items:
             return
-        zeros = torch.stack([c.zeros for c in pool.items], 0).double()  # (k, m_live)
-        inside = zeros[:, self.top].mean(2)  # (k, b')
-        rows, cols = linear_sum_assignment(inside.numpy(), maximize=True)
-        good = inside[rows, cols] >= COVERED
-        self.covered = torch.zeros_like(self.covered)
-        self.covered[torch.as_tensor(cols)[good]] = True
+        zeros = torch.stack([c.zeros for c in pool.items], 0)  # (k, m_live)
+        self.covered = zeros[:, self.top].all(2).any(0)  # (b',)
