@@ -6,7 +6,8 @@ approximate batch ``X̃`` (a Geiping reconstruction of the same update, or the i
 earlier round) predicts each example's pre-activations ``z̃ = W x̃ + b``, after projecting
 ``x̃`` onto the row space of ``G`` (the true inputs lie in it exactly). Rows are ranked per
 guide example by ``z̃_r / ‖w_r‖`` (signed distance to the neuron's hyperplane, most negative
-= most surely inactive); a draw takes the ``b − 1`` best rows after adding Gumbel noise of
+= most surely inactive); a draw takes the ``b − 1`` best rows, each independent of the rows
+before it (:func:`independent_rows`), after adding Gumbel noise of
 temperature ``T`` to the standardised ranking key (``T`` log-uniform in [0.05, 1.6]: from
 "the most confident rows" to "most of the predicted-inactive half"). Measured on MLP
 3072→256 photos at b = 25 with a 1,000-step Geiping guide (PSNR ≈ 20 dB, sign accuracy
