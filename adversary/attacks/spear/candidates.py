@@ -197,7 +197,7 @@ class CandidatePool:
             return known
         residual = None if self.prob.next_weight is None else next_layer_residual(self.prob, q, zeros)
         if residual is not None and residual > NEXT_LAYER_TOL:
-            self.rejected_next_layer += 1  # first: one small least squares, the cheapest test
+            self.rejected_next_layer += 1  # again on the refitted direction and its final zero set
             return None
         # a near-twin photo's true direction can rest on one row too; at float32 noise in the next
         # layer's column space it is kept (b = 50 seed 1: the mixture test refused 1 of the last 5)

@@ -62,7 +62,7 @@ class SpearResult:
     rejected_next_layer: int = 0  # candidates whose δ is not W_nextᵀ g on its nonzero rows
     inconsistent: list[int] | None = None  # rows of X the check flagged (None: nothing checked)
     guided_samples: int = 0  # submatrices drawn from the guide (included in samples)
-    guide_covered: int | None = None  # guide examples whose most confident rows a found direction explains
+    guide_covered: int | None = None  # guide examples whose noiseless draw lies in a found zero set
 
     def summary(self) -> dict:
         return {"status": self.status, "estimated_batch_size": self.batch_size, "samples": self.samples,
