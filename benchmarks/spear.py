@@ -187,7 +187,8 @@ def guided_batch(splits, b: int, seed: int, budget: float, hidden: int, guide_it
     gw, gb = -obs.update["layers.0.weight"] / 0.1, -obs.update["layers.0.bias"] / 0.1
     left = max(1.0, budget - (time.monotonic() - started))
     res = spear_invert_linear(gw, gb, weight=layer.weight.detach(), bias=layer.bias.detach(), seed=seed,
-                              params=replace(params, time_budget_s=left), device=device, guide=guide)
+                              params=replace(params, time_budget_s=left), device=device, guide=guide,
+                              next_weight=model.layers[2].weight.detach())
     seconds = time.monotonic() - started
     err = matched_error(res.X, x)
     return {"b": b, "seed": seed, "hidden": hidden, **res.summary(), **note, "seconds": round(seconds, 3),
@@ -340,12 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spear-only", action="store_true", help="FedAvg / features: skip the scenarios' other attacks")
     ap.add_argument("--device", default="cpu", help="where the search runs (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--machine-note", default="shared machine: other jobs ran concurrently, timings are indicative",
+                    help="how the machine was shared while this ran (recorded in the JSON)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-               "note": "shared machine: other jobs ran concurrently, timings are indicative"}
+               "note": args.machine_note}
     runs: list[dict] = []
     fed: list[dict] = []
     setting = (f"MLP 3x32x32-{args.hidden}-ReLU-10, default init, FedSGD (lr 0.1), batch-mean CE, embedded photos, "

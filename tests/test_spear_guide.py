@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from adversary.attacks.base import AttackContext
 from adversary.attacks.spear import SpearParams, spear_invert_linear
-from adversary.attacks.spear.guide import Guide, GuidedSampler, constrained_coordinates
-from adversary.attacks.spear.problem import Problem
+from adversary.attacks.spear.attack import next_linear
+from adversary.attacks.spear.candidates import NEXT_LAYER_TOL, CandidatePool, next_layer_residual
+from adversary.attacks.spear.guide import Guide, GuidedSampler, constrained_coordinates, independent_rows
+from adversary.attacks.spear.problem import Problem, zero_pattern
 from adversary.runtime.registry import ATTACKS
 from fedsim.models import MLP
 from fedsim.scenario import TrainingSpec
@@ -111,3 +113,94 @@ def test_the_b25_scenario_is_recovered_exactly(tmp_path):
     (record,) = records
     assert record["extras"]["status"] == "exact" and record["recovered_share"] == 1.0
     assert record["extras"]["guide"] == "geiping"
+
+
+def test_guided_draws_skip_rows_that_add_no_rank():
+    """Look-alike photos share their most surely inactive rows, which span fewer than b − 1
+    dimensions: a draw of the b − 1 best rows is degenerate. The draw skips rows inside the span of
+    those before it and reaches down the ranking."""
+    b = 20
+    gen = torch.Generator().manual_seed(0)
+    Lh = torch.randn(200, b, generator=gen, dtype=torch.float64)
+    Lh[:30, :3] = 0.0  # the 30 best-ranked rows span 17 dimensions
+    Lh = Lh / Lh.norm(dim=1, keepdim=True)
+    order = torch.stack([torch.arange(200), torch.cat([torch.arange(30, 200), torch.arange(30)])])
+    taken = independent_rows(Lh, order, b - 1)
+    assert int(torch.linalg.matrix_rank(Lh[order[0, :b - 1]])) == 17  # the plain choice
+    assert taken[0].tolist() == list(range(17)) + [30, 31]
+    assert taken[1].tolist() == list(range(30, 30 + b - 1))  # full rank already: unchanged
+    assert all(int(torch.linalg.matrix_rank(Lh[t])) == b - 1 for t in taken)
+
+
+def test_next_layer_test_passes_true_directions_and_rejects_mixtures(photos):
+    """δ_i = diag(z_i > 0) W_nextᵀ ∂L/∂y_i: a true direction is in the column space of W_nextᵀ on its
+    nonzero rows (residual at float32 noise), a mixture of two examples is not."""
+    x, layer, gw, gb, gz = _fedsgd(photos, 8, 5)
+    torch.manual_seed(5)
+    W2 = MLP(x[0].numel(), 10, (256,)).layers[2].weight.detach()  # the model _fedsgd built
+    G = gw.double()
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    prob = Problem(G, gb, 8, layer.weight, layer.bias, U, S, Vh, SpearParams(), next_weight=W2)
+    Q = torch.linalg.lstsq(prob.L, gz.double().T).solution
+    Q = Q / Q.norm(dim=0)
+    true = [next_layer_residual(prob, q, zero_pattern(prob, q, 1e-6)) for q in Q.T]
+    mixed = (Q[:, 0] + Q[:, 1]) / (Q[:, 0] + Q[:, 1]).norm()
+    assert max(true) < 1e-5
+    assert next_layer_residual(prob, mixed, zero_pattern(prob, mixed, 1e-6)) > 0.3 > NEXT_LAYER_TOL
+
+
+def test_next_linear_is_the_layer_fed_by_relu():
+    model = MLP(3 * 32 * 32, 10, (256,))
+    assert next_linear(model, model.layers[0], (3, 32, 32)) == "layers.2"
+    assert next_linear(model, model.layers[2], (3, 32, 32)) is None  # the output layer feeds nothing
+
+
+def _twins(photos, b: int = 8, eps: float = 0.02):
+    """b photos where photo 1 is photo 0 plus noise of std ``eps`` (their zero sets differ in a
+    few rows): (batch, model, problem with the next layer, unit true directions (b, b))."""
+    pool = photos[0]
+    x = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:b]].clone()
+    x[1] = x[0] + eps * torch.randn(x[0].shape, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = MLP(x[0].numel(), 10, (256,))
+    layer = model.layers[0]
+    z = layer(x.flatten(1))
+    loss = F.cross_entropy(model.layers[2](torch.relu(z)), torch.arange(b) % 10)
+    gw, gb, gz = torch.autograd.grad(loss, [layer.weight, layer.bias, z])
+    G = gw.double()
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    prob = Problem(G, gb, b, layer.weight, layer.bias, U, S, Vh, SpearParams(), next_weight=model.layers[2].weight)
+    Q = torch.linalg.lstsq(prob.L, gz.double().T).solution
+    return x, model, prob, Q / Q.norm(dim=0)
+
+
+def test_a_near_twins_true_direction_is_kept_by_the_next_layer_test(photos):
+    """Photos 0 and 1 differ in 2 zero rows: each direction's zero set rests on one row beyond the
+    other's, which the single-row mixture test takes for a mixture. In the next layer's column
+    space at float32 noise, the pool keeps it; without the next layer both twins are refused."""
+    x, model, prob, Q = _twins(photos)
+    with_next = CandidatePool(prob, SpearParams(), True, True)
+    assert all(with_next.offer_direction(q) is not None for q in Q.T) and with_next.rejected_mixture == 0
+    prob.next_weight = None
+    without = CandidatePool(prob, SpearParams(), True, True)
+    assert [without.offer_direction(q) is not None for q in Q.T][:2] == [False, False]
+    assert without.rejected_mixture == 2
+
+
+def test_a_twins_direction_does_not_cover_the_other_twin(photos):
+    """The guide holds every photo but 1, and only photo 1's direction is found: photo 0, its twin,
+    shares almost all its most confident rows with that zero set but is not covered (its draw has
+    rank b − 1 inside its own zero set, so it cannot lie in photo 1's); a look-alike covered that
+    way stopped drawing for good. With photo 0's direction found, photo 0 is covered."""
+    x, model, prob, Q = _twins(photos, b=16)  # b − 1 = 15 rows: 90 % of them is not all
+    layer = model.layers[0]
+    guide = torch.cat([x[:1], x[2:]]).flatten(1)
+    sampler = GuidedSampler(prob, Guide(guide, layer.weight, layer.bias), 16, 0)
+    pool = CandidatePool(prob, SpearParams(), True, True)
+    assert pool.offer_direction(Q[:, 1]) is not None
+    shared = float(pool.items[0].zeros[sampler.top[0]].double().mean())
+    sampler.update_covered(pool)
+    assert shared >= 0.9 and not bool(sampler.covered.any())
+    assert pool.offer_direction(Q[:, 0]) is not None
+    sampler.update_covered(pool)
+    assert sampler.covered.tolist() == [True] + [False] * 14

@@ -29,6 +29,34 @@ def find_linear(model: nn.Module, name: str = "") -> tuple[str, nn.Linear]:
     raise ValueError(f"no linear layer {name!r} in the model" if name else "the model has no linear layer")
 
 
+def next_linear(model: nn.Module, layer: nn.Module, shape: tuple[int, int, int]) -> str | None:
+    """Module name of the ``nn.Linear`` whose input is exactly ReLU(``layer``'s output) on a probe
+    batch (the MLP's next layer), or None: SPEAR's next-layer test needs ReLU(Z) to feed it alone."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(key: str):  # a forward pre-hook that returns None leaves the module's input alone
+        return lambda mod, args: seen.__setitem__(key, args[0].detach())
+
+    hooks = [mod.register_forward_pre_hook(keep(key))
+             for key, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod is not layer]
+    outs: list[torch.Tensor] = []
+    hooks.append(layer.register_forward_hook(lambda mod, inp, out: outs.append(out.detach())))
+    probe = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not outs:
+        return None
+    relu = torch.relu(outs[0])
+    return next((key for key, inp in seen.items() if inp.shape == relu.shape and torch.equal(inp, relu)), None)
+
+
 def _layer_role(model: nn.Module, layer: nn.Module, shape: tuple[int, int, int]) -> tuple[bool, bool]:
     """(input is the flattened image itself, output is the model's output) for ``layer``."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -122,10 +150,12 @@ def invert_observation(obs: Observation, params: SpearParams, ctx: AttackContext
     one_step = obs.num_steps <= 1  # the ReLU checks need the weights the gradient was taken at
     # several full-batch steps on the image-fed layer: replay the local training instead
     replay = not one_step and image_space and obs.training.batch_size >= obs.num_distinct_examples
+    following = next_linear(model, layer, shape) if one_step else None  # its weights moved after step one
     res = spear_invert_linear(gw, gb, weight=weight if one_step else None, bias=bias if one_step else None,
                               checker=replay_checker(obs, model, name) if replay else None, params=params,
                               device=ctx.device, seed=ctx.seed, deadline=ctx.deadline, guide=guide,
-                              progress=progress)
+                              progress=progress,
+                              next_weight=None if following is None else obs.global_state[f"{following}.weight"])
     return LayerInversion(name, res, image_space, gw, model, res.status, note)
 
 

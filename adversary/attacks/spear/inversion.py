@@ -33,7 +33,8 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                         checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                         params: SpearParams | None = None, device: torch.device | str = "cpu",
                         seed: int = 0, deadline: float | None = None, guide: Guide | None = None,
-                        progress: Callable[[int, int, int], None] | None = None) -> SpearResult:
+                        progress: Callable[[int, int, int], None] | None = None,
+                        next_weight: torch.Tensor | None = None) -> SpearResult:
     """Recover the inputs of a linear layer (followed by ReLU) from its gradients.
 
     ``grad_weight`` (m×n) and ``grad_bias`` (m,) are ∂L/∂W and ∂L/∂b of the batch loss.
@@ -45,6 +46,9 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     updates use :func:`adversary.attacks.spear.replay.replay_checker`. ``guide``: an
     approximate batch whose predicted inactive neurons steer part of the draws
     (:mod:`adversary.attacks.spear.guide`); the uniform search runs alongside, unchanged.
+    ``next_weight`` (o×m): the weight of the linear layer that takes ReLU(Z) as its only input,
+    at the gradient's θ; with it a candidate must be ``W_nextᵀ g`` on its nonzero rows
+    (:func:`adversary.attacks.spear.candidates.next_layer_residual`).
     ``deadline`` is a ``time.monotonic()`` value; ``progress(directions_found, b, samples)``.
     """
     params = params or SpearParams()
@@ -66,6 +70,7 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
         return SpearResult(X, delta, b, samples, time.monotonic() - t0, exact, status, svals, items,
                            pool.seen if pool else 0, endgame, None if bad is None else int(bad.sum()),
                            pool.rejected_mixture if pool else 0, pool.rejected_lp if pool else 0,
+                           pool.rejected_next_layer if pool else 0,
                            None if bad is None else bad.nonzero().flatten().tolist(),
                            sampler.drawn if sampler else 0, int(sampler.covered.sum()) if sampler else None)
 
@@ -73,7 +78,7 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
         return result("failed: zero gradient")
     if b > min(G.shape):
         return result("failed: batch size exceeds the layer dimensions")
-    prob = Problem(G, grad_bias, b, weight, bias, U, S, Vh, params, checker)
+    prob = Problem(G, grad_bias, b, weight, bias, U, S, Vh, params, checker, next_weight)
     relu = prob.weight is not None  # ReLU-pattern check, realisability LP and endgame
     check = relu or checker is not None
     use_filter = params.sparsity_threshold > 0
@@ -116,6 +121,7 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
     examined = None  # pool state at the last selection attempt
     endgame_for: set | None = None  # the directions the endgame last started from
     last_out = None
+    guided_s = uniform_s = 0.0  # wall time of the guided draws and of the uniform tree so far
 
     def complete(base: list[Candidate]) -> SpearResult | None:
         """The endgame from ``base`` (again from what it added, while it adds some but not all);
@@ -177,8 +183,10 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
                 chosen, (X, delta), bad = last_out
                 return result(status, X, delta, False if relu else None, False, bad)
             return result(status)
-        if sampler is not None and sampler.active().numel():
+        guiding = sampler is not None and bool(sampler.active().numel())
+        if guiding:
             # guided draws first (a separate random stream: the uniform sequence stays as without a guide)
+            started = time.monotonic()
             drawn = sampler.draw(max(256, 2 ** 23 // b ** 2))
             samples += len(drawn)
             before = len(pool.items)
@@ -186,9 +194,15 @@ def spear_invert_linear(grad_weight: torch.Tensor, grad_bias: torch.Tensor, *,
             if len(pool.items) != before:
                 sampler.update_covered(pool)
                 sampler.refine([c.q for c in greedy_independent(sorted(pool.items, key=lambda c: -c.count), b - 1)])
-        leaves, rows = search_round(Lh_search, shape, n_roots, prob.search_tol, min_leaf, gen)
-        samples += leaves
-        pool.offer_rows(search_idx[rows.cpu()], stop_at)
-        n_roots = min(2 * n_roots, max_roots)
+            guided_s += time.monotonic() - started
+        # while guided draws remain, the uniform tree gets no more wall time than they took: at b = 50 it
+        # finds nothing (hit rate ~1e-13 per leaf) and its junk leaves took 3/4 of the time
+        if not guiding or uniform_s <= guided_s:
+            started = time.monotonic()
+            leaves, rows = search_round(Lh_search, shape, n_roots, prob.search_tol, min_leaf, gen)
+            samples += leaves
+            pool.offer_rows(search_idx[rows.cpu()], stop_at)
+            n_roots = min(2 * n_roots, max_roots)
+            uniform_s += time.monotonic() - started
         if progress is not None:
             progress(min(len(pool.items), b), b, samples)

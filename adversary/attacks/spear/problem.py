@@ -59,15 +59,17 @@ class SpearResult:
     mismatches: int | None = None  # the check's count summed over the batch
     rejected_mixtures: int = 0
     rejected_unrealisable: int = 0
+    rejected_next_layer: int = 0  # candidates whose δ is not W_nextᵀ g on its nonzero rows
     inconsistent: list[int] | None = None  # rows of X the check flagged (None: nothing checked)
     guided_samples: int = 0  # submatrices drawn from the guide (included in samples)
-    guide_covered: int | None = None  # guide examples whose most confident rows a found direction explains
+    guide_covered: int | None = None  # guide examples whose noiseless draw lies in a found zero set
 
     def summary(self) -> dict:
         return {"status": self.status, "estimated_batch_size": self.batch_size, "samples": self.samples,
                 "seconds": round(self.seconds, 3), "exact": self.exact, "directions_found": self.found,
                 "candidates": self.candidates, "rejected_mixtures": self.rejected_mixtures,
-                "rejected_unrealisable": self.rejected_unrealisable, "endgame_used": self.endgame_used,
+                "rejected_unrealisable": self.rejected_unrealisable,
+                "rejected_next_layer": self.rejected_next_layer, "endgame_used": self.endgame_used,
                 "mismatches": self.mismatches, "inconsistent_examples": self.inconsistent,
                 "guided_samples": self.guided_samples, "guide_covered": self.guide_covered}
 
@@ -104,7 +106,7 @@ class Problem:
 
     def __init__(self, grad_weight: torch.Tensor, grad_bias: torch.Tensor, b: int,
                  weight: torch.Tensor | None, bias: torch.Tensor | None, U, S, Vh, params: "SpearParams",
-                 checker=None):
+                 checker=None, next_weight: torch.Tensor | None = None):
         self.m, self.n = grad_weight.shape
         self.b = b
         self.L = U[:, :b] * S[:b]  # (m, b)
@@ -141,6 +143,8 @@ class Problem:
         if self.weight is not None:
             self.M = self.weight @ self.R.T  # (m, b): pre-activation of x = c R is M c + bias
             self.beta = self.bias if self.bias is not None else torch.zeros(self.m, dtype=torch.float64)
+        # (o, m) weight of the linear layer fed by ReLU(Z) alone, at the gradient's θ (None: unknown)
+        self.next_weight = None if next_weight is None else next_weight.detach().double().cpu()
 
 
 def zero_pattern(prob: "Problem", q: torch.Tensor, tol: float) -> torch.Tensor:
