@@ -27,6 +27,10 @@ from fedsim.scenario import DataSpec, parse_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDSIM = [sys.executable, "-m", "fedsim.run.cli"]
+# fedsim as a terminal's foreground job: Python keeps SIGINT ignored when it starts with it ignored,
+# as every command of a shell's background job does (`.ci/run &`), and Ctrl-C never reaches it then
+FEDSIM_FOREGROUND = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, "
+                     "signal.default_int_handler); from fedsim.run.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 SMALL = """
 name = "{name}"
@@ -72,7 +76,7 @@ def _run_and_signal(tmp_path: Path, scenario: Path, sig: int, after_rounds: int)
     disk, send ``sig`` to the whole group (as a terminal's Ctrl-C does); returns the process, its
     stderr and the seconds it took to exit."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([*FEDSIM, "run", str(scenario), "--out", str(out)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*FEDSIM_FOREGROUND, "run", str(scenario), "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=ROOT)
     deadline = time.monotonic() + 240
     rounds = out / "rounds.jsonl"
