@@ -367,7 +367,6 @@ def _check_labels(spec: DataSpec, where: str, labels: torch.Tensor, num_images: 
 
 def _load_imagefolder(spec: DataSpec, seed: int) -> Loaded:
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import center_crop, pil_to_tensor
 
     expected = "train/<class>/<image> and test/<class>/<image>, same class folders"
     out: list = []
@@ -379,25 +378,29 @@ def _load_imagefolder(spec: DataSpec, seed: int) -> Loaded:
         except OSError as exc:  # no folder, no class folders, no images
             raise _missing(spec, folder, expected, str(exc).splitlines()[0]) from None
         idx = _subset(len(ds), cap, _rng(seed, stream))
-        # ImageFolder's loader returns RGB PIL images; crop the centre square, then resize
-        unit = [pil_to_tensor(_read_image(ds, ds.samples[i][0])).float() / 255.0 for i in idx]
+        images = [_square_image(ds.samples[i][0], "data set 'imagefolder'", 3, spec.image_size) for i in idx]
         if classes and ds.classes != classes:
             raise DataError(f"data set 'imagefolder': class folders in '{folder}' {ds.classes} differ from "
                             f"train/ {classes}; give test/ the same class folders")
         classes = ds.classes
-        images = [_resize(center_crop(img, [min(img.shape[1:])])[None], spec.image_size) for img in unit]
         out += [torch.cat(images), torch.as_tensor(ds.targets)[torch.from_numpy(idx)].long()]
     return out[0], out[1], out[2], out[3], classes
 
 
-def _read_image(ds, path: str):  # noqa: ANN001, ANN202 - a torchvision ImageFolder, a PIL image
-    """``ds.loader(path)``, with a DataError naming the file when it is corrupt or truncated
-    (PIL raises OSError, SyntaxError or ValueError depending on the damage)."""
+def _square_image(path: str | Path, where: str, channels: int, size: int) -> torch.Tensor:
+    """The image file ``path`` as (1, C, size, size) in [0, 1]: greyscale (C = 1) or RGB, the centre
+    square cropped, then resized. A DataError naming ``where`` and the file when it is corrupt or
+    truncated (PIL raises OSError, SyntaxError or ValueError depending on the damage)."""
+    from PIL import Image
+    from torchvision.transforms.functional import center_crop, pil_to_tensor
+
     try:
-        return ds.loader(path)
+        with Image.open(path) as img:
+            unit = pil_to_tensor(img.convert("L" if channels == 1 else "RGB")).float() / 255.0
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"data set 'imagefolder': cannot read image '{path}' ({type(exc).__name__}: {exc}); "
+        raise DataError(f"{where}: cannot read image '{path}' ({type(exc).__name__}: {exc}); "
                         "replace or remove that file") from None
+    return _resize(center_crop(unit, [min(unit.shape[1:])])[None], size)
 
 
 def load_auxiliary(spec: DataSpec, seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,9 +445,6 @@ def load_image_folder(folder: str | Path, shape: tuple[int, int, int], count: in
     depth; a seeded choice when there are more), centre-cropped square and resized to ``shape``
     (C = 1: greyscale, 3: RGB). DataError naming the folder or the file when there is no image or
     one is unreadable."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.functional import center_crop, pil_to_tensor
-
     root = Path(folder).resolve()
     if not root.is_dir():
         raise DataError(f"auxiliary folder '{root}': no such folder")
@@ -453,17 +453,7 @@ def load_image_folder(folder: str | Path, shape: tuple[int, int, int], count: in
         raise DataError(f"auxiliary folder '{root}': no image files ({', '.join(IMAGE_SUFFIXES)})")
     if len(files) > count:
         files = [files[i] for i in np.sort(_rng(seed, _STREAM_AUXILIARY).choice(len(files), count, replace=False))]
-    channels, size = shape[0], shape[1]
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                unit = pil_to_tensor(img.convert("L" if channels == 1 else "RGB")).float() / 255.0
-        except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
-            raise DataError(f"auxiliary folder '{root}': cannot read image '{path}' ({type(exc).__name__}: {exc}); "
-                            "replace or remove that file") from None
-        images.append(_resize(center_crop(unit, [min(unit.shape[1:])])[None], size))
-    return torch.cat(images)
+    return torch.cat([_square_image(path, f"auxiliary folder '{root}'", shape[0], shape[1]) for path in files])
 
 
 def scenario_partitions(scenario: Scenario, splits: DatasetSplits) -> list[torch.Tensor]:

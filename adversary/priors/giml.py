@@ -57,7 +57,6 @@ class MetaLearner:
         self.settings = settings
         self.device = device
         self.seed = seed
-        self.tasks: list[Task] = []
 
     def learn(self, obs: Observation) -> Task:
         """One task: latent search, inner steps on shared weights, Reptile step on G."""
@@ -75,6 +74,4 @@ class MetaLearner:
         inner = descend_inputs(lambda row: objective(normalise(weights.shared_images(row, z))), weights.base,
                                iterations=s.inner_steps, lr=s.inner_lr, signed=False, lr_decay=False)
         weights.load(weights.base + s.meta_lr * (inner.inputs - weights.base))
-        task = Task(obs.server_round, obs.client_id, found.objective, inner.objective)
-        self.tasks.append(task)
-        return task
+        return Task(obs.server_round, obs.client_id, found.objective, inner.objective)

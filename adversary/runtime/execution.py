@@ -148,7 +148,8 @@ def _scored(job: AttackJob, recon: Reconstruction, seconds: float, lpips: LpipsS
                                 f"{recon.iterations} iterations") if timed_out else ("ok", None)
     domain = obs.domain
     truth_unit = domain.to_unit(job.truth.inputs.float().cpu())
-    recon_unit = domain.to_unit(recon.inputs.detach().float().cpu())
+    reconstruction = recon.inputs.detach().float().cpu()
+    recon_unit = domain.to_unit(reconstruction)
     scores = score_reconstruction(recon_unit, truth_unit, recon.labels, job.truth.labels,
                                   job.recovered_psnr, lpips)
     record = LeakageRecord(
@@ -160,7 +161,7 @@ def _scored(job: AttackJob, recon: Reconstruction, seconds: float, lpips: LpipsS
         psnr=scores.psnr, extras=dict(recon.extras))
     matched = torch.stack([recon_unit[m] if m is not None else torch.zeros_like(truth_unit[0])
                            for m in scores.matching]) if len(truth_unit) else recon_unit
-    return JobResult(record, truth_unit, matched, recon.inputs.detach().float().cpu())
+    return JobResult(record, truth_unit, matched, reconstruction)
 
 
 def store_result(run_dir: RunDirectory, result: JobResult) -> dict[str, Any]:
