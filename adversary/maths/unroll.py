@@ -57,12 +57,13 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def _batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, var) per channel of a BN input (N, C, ...) as ``F.batch_norm`` folds them into its
-    running statistics: biased mean, unbiased variance (biased for a single value per channel)."""
+def _mean_and_variance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of (N, C, ...) as (1, C, 1, ...) tensors, in two passes
+    (mean, then mean of squared deviations): on a CPU ``torch.var``/``torch.var_mean`` over these
+    dims cost ~400 µs at (1, 64, 32, 32) against ~35 µs for the two passes (torch 2.14, one thread)."""
     dims = [0, *range(2, x.dim())]
-    count = math.prod(x.shape) // x.shape[1]
-    return x.mean(dim=dims), x.var(dim=dims, unbiased=count > 1)
+    mean = x.mean(dim=dims, keepdim=True)
+    return mean, (x - mean).pow(2).mean(dim=dims, keepdim=True)
 
 
 class BatchStatNorm(nn.Module):
@@ -71,26 +72,46 @@ class BatchStatNorm(nn.Module):
     ``composite`` normalises with plain tensor ops instead of ``F.batch_norm``: the same function,
     but its second derivative is right under ``torch.func.vmap`` (torch 2.14's batching rule for
     the native batch-norm double backward gives input gradients off by ~1 %, also in float64).
+
+    ``keep_statistics``: each forward keeps what :meth:`take_statistics` needs — its input, or in
+    ``composite`` mode the mean and variance it normalised with (not computed twice).
     """
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, *, keep_statistics: bool = False):
         super().__init__()
         self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
         self.composite = False
+        self.keep_statistics = keep_statistics
+        self._kept: torch.Tensor | tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def take_statistics(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, var) (C,) of the last forward's input as ``F.batch_norm`` folds them into its
+        running statistics: biased mean, unbiased variance (biased for a single value per
+        channel); None if nothing is kept. Forgotten once taken: a kept tensor would keep that
+        call's whole graph alive."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        mean, var, count = (*_mean_and_variance(kept), math.prod(kept.shape) // kept.shape[1]) \
+            if isinstance(kept, torch.Tensor) else kept
+        return mean.flatten(), var.flatten() * (count / (count - 1) if count > 1 else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.composite:
+            if self.keep_statistics:
+                self._kept = x
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         # x·scale + shift with per-channel scale = w/sqrt(var + eps), shift = b − mean·scale:
         # two passes over the activations, forward and backward, instead of four
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        mean, var = _mean_and_variance(x)
+        if self.keep_statistics:
+            self._kept = (mean, var, math.prod(x.shape) // x.shape[1])
+        shape = [1, -1, *[1] * (x.dim() - 2)]
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale if self.bias is None else self.bias - mean * scale
-        shape = [1, -1, *[1] * (x.dim() - 2)]
-        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+            scale = scale * self.weight.view(shape)
+        shift = -mean * scale if self.bias is None else self.bias.view(shape) - mean * scale
+        return torch.addcmul(shift, x, scale)
 
 
 class LocalTrainingReplay:
@@ -121,8 +142,8 @@ class LocalTrainingReplay:
         bn_layers = {prefix: mod for prefix, mod in model.named_modules()
                      if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats}
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype).train()
-        self.norms = [BatchStatNorm(mod) for mod in bn_layers.values()]
-        for prefix, norm in zip(bn_layers, self.norms):
+        self.norms = {prefix: BatchStatNorm(mod, keep_statistics=buffers) for prefix, mod in bn_layers.items()}
+        for prefix, norm in self.norms.items():
             parent, _, leaf = prefix.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, leaf, norm)
         # buffers that are not BN running statistics are inputs of the forward pass, from θ_t
@@ -131,7 +152,6 @@ class LocalTrainingReplay:
         self.buffers = buffers
         self.running0: dict[str, torch.Tensor] = {}
         self.bn_momenta: list[dict[str, float]] = [{} for _ in batches]  # per step: layer -> momentum
-        self.captured: dict[str, torch.Tensor] = {}
         if buffers:
             for prefix, mod in bn_layers.items():
                 for key in (f"{prefix}.running_mean", f"{prefix}.running_var"):
@@ -139,21 +159,15 @@ class LocalTrainingReplay:
                 tracked = int(global_state.get(f"{prefix}.num_batches_tracked", 0))
                 for step, momenta in enumerate(self.bn_momenta):
                     momenta[prefix] = mod.momentum if mod.momentum is not None else 1.0 / (tracked + step + 1)
-                self.model.get_submodule(prefix).register_forward_pre_hook(self._capture(prefix))
         self._functional_step = torch.func.grad(self._functional_loss, has_aux=True)
 
-    def _capture(self, prefix: str):
-        def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            self.captured[prefix] = args[0]
-        return hook
-
     def _forward_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Batch-mean cross-entropy at ``params``; the BN inputs land in ``captured``."""
+        """Batch-mean cross-entropy at ``params``; the BN layers keep their statistics."""
         return _loss(functional_call(self.model, {**params, **self.constants}, (x,)), y)
 
     def _statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        # popped: a BN input kept past the call would keep that call's whole graph alive
-        return {prefix: _batch_statistics(self.captured.pop(prefix)) for prefix in list(self.captured)}
+        taken = {prefix: norm.take_statistics() for prefix, norm in self.norms.items()}
+        return {prefix: stats for prefix, stats in taken.items() if stats is not None}
 
     def _functional_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
         return self._forward_loss(params, x, y), self._statistics()
@@ -170,7 +184,7 @@ class LocalTrainingReplay:
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor, *,
                  functional: bool = False) -> dict[str, torch.Tensor]:
         lr, momentum, wd, nesterov = self.lr, self.momentum, self.wd, self.nesterov
-        for norm in self.norms:
+        for norm in self.norms.values():
             norm.composite = functional
         params = dict(self.start)
         momentum_buffers: dict[str, torch.Tensor] = {}
