@@ -9,11 +9,12 @@ update with the same number of matching-objective evaluations E:
 - GI-z: ``gias`` with stage "z", E latent-search steps through the auxiliary-trained prior;
 - GI-w: ``gias`` with stage "w", E parameter-search steps from random latents;
 - GI-z/w: ``gias`` with stage "z/w" (GIAS), E/3 latent + 2E/3 parameter-search steps;
-- GI-z, GI-w, GI-z/w (untrained G): the same with an untrained DCGAN instead of the prior.
+- GI-z, GI-w, GI-z/w (untrained G): the same with an untrained DCGAN instead of the prior;
+- GI-z, GI-w, GI-z/w (GIML G): the same with a generator GIML learned from other clients'
+  updates (``--giml-prior``, e.g. ``benchmarks/giml.py --held-out 4 --save DIR``'s).
 
-The paper's ablation rows (GI-w and the untrained generator) run on the cases of
-``--ablation-batch-sizes`` (b = 8 by default); the GIML-trained generator's rows are
-``benchmarks/giml.py``'s.
+The paper's ablation rows (GI-w, the untrained and the GIML generator) run on the cases of
+``--ablation-batch-sizes`` (b = 8 by default); ``--methods`` runs only the rows named.
 
 Then a multi-step update (b images, batch b/2, 2 local epochs, momentum 0.9: 4 SGD steps, the
 local training unrolled by every method). The prior is a ``fedsim train-prior`` checkpoint
@@ -54,12 +55,15 @@ from fedsim.scenario import Scenario  # noqa: E402
 
 
 #: the rows of the paper's ablation beyond GI-x, GI-z and GI-z/w with the trained prior
-ABLATIONS = ("GI-w", "GI-z (untrained G)", "GI-w (untrained G)", "GI-z/w (untrained G)")
+ABLATIONS = ("GI-w", "GI-z (untrained G)", "GI-w (untrained G)", "GI-z/w (untrained G)",
+             "GI-z (GIML G)", "GI-w (GIML G)", "GI-z/w (GIML G)")
 
 
-def methods(prior: Path, evaluations: int, ablations: bool) -> dict[str, tuple[str, object]]:
+def methods(prior: Path, evaluations: int, ablations: bool,
+            giml_prior: Path | None = None) -> dict[str, tuple[str, object]]:
     """Method name -> (attack, params), each spending ``evaluations`` objective evaluations;
-    ``ablations``: also GI-w and the untrained-generator rows (:data:`ABLATIONS`)."""
+    ``ablations``: also GI-w, the untrained-generator rows and, given ``giml_prior``, the
+    GIML-generator rows (:data:`ABLATIONS`)."""
     third = evaluations // 3
     stages = {"GI-z": GiasParams(stage="z", latent_iterations=evaluations),
               "GI-w": GiasParams(stage="w", parameter_iterations=evaluations),
@@ -69,6 +73,9 @@ def methods(prior: Path, evaluations: int, ablations: bool) -> dict[str, tuple[s
         chosen[name] = ("gias", replace(params, generator=str(prior)))
     for name, params in stages.items():
         chosen[f"{name} (untrained G)"] = ("gias", params)  # GiasParams' default generator: untrained
+    if giml_prior is not None:
+        for name, params in stages.items():
+            chosen[f"{name} (GIML G)"] = ("gias", replace(params, generator=str(giml_prior)))
     return {name: method for name, method in chosen.items() if ablations or name not in ABLATIONS}
 
 
@@ -124,6 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ablation-batch-sizes", type=int, nargs="*", default=[8],
                     help="FedSGD cases that also run GI-w and the untrained-generator rows")
     ap.add_argument("--multistep-batch", type=int, default=4, help="images of the multi-step update (0: skip)")
+    ap.add_argument("--giml-prior", type=Path, default=None,
+                    help="a generator GIML learned from other clients' updates: adds the (GIML G) ablation rows")
+    ap.add_argument("--methods", nargs="*", default=None, help="run only these rows (e.g. 'GI-z/w (GIML G)')")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="JSON file, rewritten after every case")
@@ -135,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_prior_for(args.scenario, args.prior, PriorTraining(steps=args.prior_steps), 2000, show_progress=False)
     base = validate_scenario(args.scenario)
     result: dict = {"scenario": str(args.scenario), "prior": str(args.prior), "evaluations": args.evaluations,
+                    "giml_prior": None if args.giml_prior is None else str(args.giml_prior),
                     "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                                 "platform": platform.platform(), "loadavg_start": os.getloadavg()},
                     "runs": {}, "summary": {}}
@@ -144,7 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
         cases.append((f"{b} images, batch {b // 2}, 2 epochs, momentum 0.9", multistep_variant(base, b), False))
     for name, scenario, ablations in cases:
         print(name, flush=True)
-        chosen = methods(args.prior, args.evaluations, ablations)
+        chosen = {name: method for name, method in methods(args.prior, args.evaluations, ablations,
+                                                           args.giml_prior).items()
+                  if args.methods is None or name in args.methods}
+        if not chosen:
+            continue
         result["runs"][name] = attack_case(scenario, args.batches, chosen, device)
         result["summary"][name] = {m: summarise(r) for m, r in result["runs"][name].items()}
         if args.out is not None:

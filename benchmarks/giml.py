@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--evaluations", type=int, default=200, help="GIAS objective evaluations per attack")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="JSON file, rewritten after every point")
+    ap.add_argument("--save", type=Path, default=None, metavar="DIR",
+                    help="keep the generator after N updates as DIR/giml_after_N.pt (default: a temporary folder)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                                 "platform": platform.platform(), "loadavg_start": os.getloadavg()},
                     "tasks": [], "curve": []}
-    folder = Path(tempfile.mkdtemp(prefix="giml-bench-"))
+    folder = args.save if args.save is not None else Path(tempfile.mkdtemp(prefix="giml-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
     learned = 0
     for n in sorted(args.curve):
         started = time.monotonic()
@@ -78,9 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
             result["tasks"].append({"n": learned + 1, **task.__dict__})
             learned += 1
         learn_seconds = time.monotonic() - started
-        path = folder / f"after_{n}.pt"
+        path = folder / f"giml_after_{n}.pt"
         save_prior(path, copy.deepcopy(learner.generator).cpu(), {"latent_dim": params.latent_dim, "width": params.width},
-                   {"learned_from": f"{n} observed updates"})
+                   {"learned_from": f"{n} observed updates", "clients": f"{args.held_out} .. {args.held_out + n - 1}",
+                    "batch_size": args.batch_size})
         records = []
         for k, (observation, truth) in enumerate(held_out):
             job = AttackJob(0, "giml", replace(params, generator=str(path)), observation, truth,
