@@ -10,7 +10,8 @@ photos, lr 0.1), client 0's round-1 update at batch size b, made by the real cli
   set up as breaching: TV 0.2, no BN term) through ``adversary.attacks.geiping.run``, against
   :class:`BreachingReference` — breaching's ``invertinggradients`` configuration written out here
   (breaching is not installed: its PyPI wheel pins an old stack), and one local training step
-  (``torch.optim.SGD`` on the same model and batch);
+  (``torch.optim.SGD`` on the same model and batch); with ``--compiled`` also the defaults with
+  ``compile = true`` (the first step, which compiles, is not among the timed ones);
 - ``throughput``: image-iterations per second for R restarts, vectorised (``batch_restarts``) vs
   one by one.
 
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--wall", action="store_true", help="wall-clock time instead of the thread's CPU time")
     ap.add_argument("--device", default="cpu", help="cuda: wall-clock time, synchronised at every step")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also fedsim's defaults with compile = true (its first step, the compile, is not timed)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -192,15 +195,19 @@ def main(argv: list[str] | None = None) -> dict:
     as_breaching = replace(defaults, tv_weight=0.2, bn_weight=0.0)
     for b in args.batch_sizes:
         obs = fedsgd_update(args.scenario, b)
-        ms = interleaved({"fedsim": geiping_steps(obs, defaults, args.steps, device),
+        variants = {"fedsim": geiping_steps(obs, defaults, args.steps, device),
                           "fedsim as breaching": geiping_steps(obs, as_breaching, args.steps, device),
                           "breaching reference": breaching_steps(obs, args.steps, device),
-                          "training step": training_steps(obs, args.steps, device)}, args.rounds, clock)
-        ms = {k: v * 1e3 for k, v in ms.items()}
+                          "training step": training_steps(obs, args.steps, device)}
+        if args.compiled:
+            variants["fedsim, compiled"] = geiping_steps(obs, replace(defaults, compile=True), args.steps, device)
+        ms = {k: v * 1e3 for k, v in interleaved(variants, args.rounds, clock).items()}
         row = {"ms": ms, "fedsim / breaching": ms["fedsim"] / ms["breaching reference"],
                "fedsim as breaching / breaching": ms["fedsim as breaching"] / ms["breaching reference"],
                "fedsim / training step": ms["fedsim"] / ms["training step"],
                "breaching / training step": ms["breaching reference"] / ms["training step"]}
+        if args.compiled:
+            row["compiled / breaching"] = ms["fedsim, compiled"] / ms["breaching reference"]
         result["iteration"][f"b={b}"] = row
         print(f"b={b}: " + ", ".join(f"{k} {v:.3g}" for k, v in {**ms, **{k: v for k, v in row.items()
                                                                        if k != 'ms'}}.items()), flush=True)

@@ -6,6 +6,8 @@ batch statistics); the throughput figures are in ``benchmarks/attack_throughput.
 """
 from __future__ import annotations
 
+import shutil
+import warnings
 from collections import deque
 from dataclasses import replace
 
@@ -138,3 +140,44 @@ def test_pool_takes_compatible_queued_jobs_together(photos16):
     one_by_one = replace(params, batch_restarts=False)
     queue = deque([job(0, obs[0], p=one_by_one), job(1, obs[1], p=one_by_one)])
     assert [j.job_id for j in take_launch(queue, 8)] == [0]
+
+
+# --------------------------------------------------------------------------- compile = true
+
+def test_failed_compile_falls_back_to_the_function_with_one_warning(monkeypatch):
+    def broken(_function):
+        def call(*_args):
+            raise RuntimeError("no C++ compiler found\nsecond line")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    objective = geiping.compiled(lambda x: x.pow(2).sum())
+    x = torch.arange(3.0)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\)"):
+        assert objective(x).item() == 5.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback is remembered: no second warning
+        assert objective(x).item() == 5.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_attack_equals_the_eager_one_across_rounds(photos16):
+    """compile = true on two updates with different θ_t (seeds 0 and 1) and images, one by one and
+    3 restarts vectorised: the same objective and iterate after 2 steps as the eager attack, and
+    graphs were compiled (the second update is right whether its compiled code is reused or
+    rebuilt: nothing of the first update is baked in)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x, y = photos16.train_x, photos16.train_y
+    observations = [client_update(SPEC, photos16.domain, x[2 * s:2 * s + 2], y[2 * s:2 * s + 2],
+                                  TrainingSpec(batch_size=2, lr=0.1), seed=s) for s in (0, 1)]
+    for restarts, batch in ((1, False), (3, True)):
+        params = replace(geiping.GeipingParams(), iterations=2, restarts=restarts, batch_restarts=batch)
+        for obs in observations:
+            eager = geiping.run(obs, params, AttackContext(seed=0))
+            fast = geiping.run(obs, replace(params, compile=True), AttackContext(seed=0))
+            assert fast.objective == pytest.approx(eager.objective, rel=1e-4, abs=1e-6)
+            torch.testing.assert_close(fast.inputs, eager.inputs, rtol=0, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0

@@ -95,6 +95,12 @@ class Matcher:
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._score(self.predict(inputs, labels), self.targets, self.target_sq, self.buffer_targets)
 
+    def functional(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The same value as ``self(inputs, labels)``, the replay differentiated with
+        ``torch.func.grad`` (BatchNorm in tensor ops): the form ``torch.compile`` traces whole."""
+        return self._score(self.replay(inputs, labels, functional=True), self.targets, self.target_sq,
+                           self.buffer_targets)
+
     def _score(self, pred: dict[str, torch.Tensor], targets: list[torch.Tensor], target_sq: torch.Tensor,
                buffer_targets: list[torch.Tensor]) -> torch.Tensor:
         if self.likelihood is not None:
