@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses.base import Defense
+from fedsim.models import captured_inputs
 from defenses.tensors import percentile
 
 SCORE_OFFSET = 0.1  # the public code's r_f + 0.1 guard against a zero feature
@@ -75,13 +76,9 @@ class Soteria(Defense):
 
     def compute_gradients(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         layer = representation_layer(model)
-        captured: list[torch.Tensor] = []
-        handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
         x = inputs.detach().clone().requires_grad_(True)
-        try:
+        with captured_inputs(layer) as captured:
             loss = F.cross_entropy(model(x), labels)
-        finally:
-            handle.remove()
         mask = feature_mask(feature_scores(captured[0], x), self.params.percent)
         loss.backward(inputs=[p for p in model.parameters() if p.requires_grad])
         layer.weight.grad = layer.weight.grad * mask.to(layer.weight.grad.dtype)

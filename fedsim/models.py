@@ -6,6 +6,9 @@ and the attacker use (the architecture is public in the threat model).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -118,6 +121,19 @@ def initial_model(scenario: Scenario, in_shape: tuple[int, int, int], num_classe
     mode build the same one."""
     torch.manual_seed(derive_seed(scenario.seed, "init"))
     return build_model(scenario.model, in_shape, num_classes)
+
+
+@contextmanager
+def captured_inputs(layer: nn.Module, *, detach: bool = False) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward of ``layer`` appends its (first) input to the yielded list
+    (detached when ``detach``); the hook is removed on leaving, exception or not."""
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(
+        lambda _module, args: captured.append(args[0].detach() if detach else args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def state_to_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from clients.training import train_locally
 from defenses.base import Defense, NoParams
-from fedsim.models import build_model
+from fedsim.models import build_model, captured_inputs
 from fedsim.scenario import ModelSpec, TrainingSpec
 from fedsim.schedule import local_batches, num_local_steps
 
@@ -87,3 +87,19 @@ def test_defense_hooks_are_called_at_step_and_update():
     result = train_locally(model, x, y, training, 0.1, torch.Generator(), Probe(NoParams(), torch.Generator()))
     assert calls == {"step": 4, "update": 1}
     assert all(v.abs().sum() == 0 for v in result.update.values())
+
+
+def test_captured_inputs_keeps_each_forward_input_and_removes_its_hook():
+    layer = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(ValueError):
+        with captured_inputs(layer, detach=True) as kept:
+            layer(x)
+            layer(2 * x)
+            raise ValueError("the hook goes even so")
+    assert len(kept) == 2 and torch.equal(kept[1], 2 * x.detach()) and not kept[0].requires_grad
+    layer(x)
+    assert len(kept) == 2 and not layer._forward_pre_hooks
+    with captured_inputs(layer) as attached:
+        layer(x)
+    assert attached[0] is x

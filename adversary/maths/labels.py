@@ -26,6 +26,7 @@ from torch import nn
 
 from adversary.observation import Observation, global_model
 from adversary.maths.unroll import observed_gradient, step_coefficients
+from fedsim.models import captured_inputs
 
 
 def last_layer_names(model: nn.Module, num_classes: int) -> tuple[str, str | None]:
@@ -58,19 +59,15 @@ def _dummy_statistics(obs: Observation, n: int, draws: int = 4, seed: int = 0) -
     model.train()
     weight, _ = last_layer_names(model, domain.num_classes)
     head = model.get_submodule(weight.rsplit(".", 1)[0])
-    feats = []
-    handle = head.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))
     gen = torch.Generator().manual_seed(seed)
     probs = []
-    try:
+    with captured_inputs(head, detach=True) as feats:
         batch = max(2, min(n, obs.training.batch_size))
         for _ in range(draws):
             x = torch.randn((batch, *domain.shape), generator=gen)
             lo, hi = domain.bounds(x)
             x = torch.maximum(torch.minimum(x, hi), lo)
             probs.append(torch.softmax(model(x).double(), dim=-1))
-    finally:
-        handle.remove()
     p = torch.cat(probs).mean(0)
     h = torch.cat(feats).double().flatten(1).abs().sum(1).mean()
     return p, float(h)

@@ -19,6 +19,7 @@ from adversary.attacks.spear.inversion import spear_invert_linear
 from adversary.attacks.spear.labels import slot_labels
 from adversary.attacks.spear.problem import SpearParams, SpearResult
 from adversary.attacks.spear.replay import replay_checker
+from fedsim.models import captured_inputs
 
 
 def find_linear(model: nn.Module, name: str = "") -> tuple[str, nn.Linear]:
@@ -110,15 +111,12 @@ def guide_images(obs: Observation, params: SpearParams, ctx: AttackContext) -> t
 def layer_inputs(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The input (b', n) of ``layer`` when ``model`` (train mode, the whole batch, as the client
     ran it) sees ``images`` (b', C, H, W)."""
-    captured: list[torch.Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda _mod, args: captured.append(args[0].detach()))
     was_training = model.training
     model.train()
     try:
-        with torch.no_grad():
+        with captured_inputs(layer, detach=True) as captured, torch.no_grad():
             model(images.float())
     finally:
-        handle.remove()
         model.train(was_training)
     return captured[0].flatten(1)
 

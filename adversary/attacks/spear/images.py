@@ -15,6 +15,7 @@ from torch import nn
 from adversary.maths.matching import Descent, Matcher, descend_inputs
 from adversary.maths.objectives import total_variation
 from adversary.observation import Observation
+from fedsim.models import captured_inputs
 
 
 def fit_images_to_features(obs: Observation, model: nn.Module, layer: nn.Module, features: torch.Tensor,
@@ -23,24 +24,22 @@ def fit_images_to_features(obs: Observation, model: nn.Module, layer: nn.Module,
     """Images (n, C, H, W) whose input to ``layer`` matches ``features`` (n, d): minimise
     ``‖F(x) − features‖² / ‖features‖² + tv_weight·TV(x)`` from ``start`` with signed Adam,
     ``model`` (holding θ_t) in train mode on the whole batch, images kept in the data box."""
-    captured: list[torch.Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda _mod, args: captured.append(args[0]))
     target = features.to(start.dtype)
     scale = target.pow(2).sum().clamp_min(1e-30)
     was_training = model.training
     model.train()
 
-    def objective(x: torch.Tensor) -> torch.Tensor:
-        captured.clear()
-        model(x)
-        fit = (captured[0].flatten(1) - target).pow(2).sum() / scale
-        return fit + tv_weight * total_variation(x) if tv_weight else fit
-
     try:
-        return descend_inputs(objective, start, iterations=iterations, lr=lr,
-                              bounds=obs.domain.bounds(start), deadline=deadline)
+        with captured_inputs(layer) as captured:
+            def objective(x: torch.Tensor) -> torch.Tensor:
+                captured.clear()
+                model(x)
+                fit = (captured[0].flatten(1) - target).pow(2).sum() / scale
+                return fit + tv_weight * total_variation(x) if tv_weight else fit
+
+            return descend_inputs(objective, start, iterations=iterations, lr=lr,
+                                  bounds=obs.domain.bounds(start), deadline=deadline)
     finally:
-        handle.remove()
         model.train(was_training)
 
 
