@@ -95,11 +95,13 @@ class Matcher:
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._score(self.predict(inputs, labels), self.targets, self.target_sq, self.buffer_targets)
 
-    def functional(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def functional(self, inputs: torch.Tensor, labels: torch.Tensor, job: JobTargets | None = None) -> torch.Tensor:
         """The same value as ``self(inputs, labels)``, the replay differentiated with
-        ``torch.func.grad`` (BatchNorm in tensor ops): the form ``torch.compile`` traces whole."""
-        return self._score(self.replay(inputs, labels, functional=True), self.targets, self.target_sq,
-                           self.buffer_targets)
+        ``torch.func.grad`` (BatchNorm in tensor ops): the form ``torch.func.vmap`` and
+        ``torch.compile`` take whole. ``job``: another observation's compared tensors
+        (:meth:`targets_of`; None: this matcher's)."""
+        targets, target_sq, buffer_targets = (self.targets, self.target_sq, self.buffer_targets) if job is None else job
+        return self._score(self.replay(inputs, labels, functional=True), targets, target_sq, buffer_targets)
 
     def _score(self, pred: dict[str, torch.Tensor], targets: list[torch.Tensor], target_sq: torch.Tensor,
                buffer_targets: list[torch.Tensor]) -> torch.Tensor:
@@ -144,15 +146,11 @@ class Matcher:
         if self.likelihood is not None:
             return torch.stack([torch.stack([self(x, y) for x in xs]) for xs, y in zip(inputs, labels)])
 
-        def one(x: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor], target_sq: torch.Tensor,
-                buffer_targets: list[torch.Tensor]) -> torch.Tensor:
-            return self._score(self.replay(x, y, functional=True), targets, target_sq, buffer_targets)
-
-        per_job = torch.func.vmap(one, in_dims=(0, None, None, None, None))
+        per_job = torch.func.vmap(self.functional, in_dims=(0, None, None))
         if jobs is None:
-            return torch.func.vmap(per_job, in_dims=(0, 0, None, None, None))(
-                inputs, labels, self.targets, self.target_sq, self.buffer_targets)
-        return torch.func.vmap(per_job, in_dims=(0, 0, 0, 0, 0))(inputs, labels, *jobs)
+            return torch.func.vmap(per_job, in_dims=(0, 0, None))(
+                inputs, labels, (self.targets, self.target_sq, self.buffer_targets))
+        return torch.func.vmap(per_job, in_dims=(0, 0, 0))(inputs, labels, jobs)
 
 
 def image_objective(matcher: Matcher, labels: torch.Tensor, tv_weight: float) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -66,6 +66,11 @@ def _mean_and_variance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (x - mean).pow(2).mean(dim=dims, keepdim=True)
 
 
+def _values_per_channel(x: torch.Tensor) -> int:
+    """How many values of (N, C, ...) one channel's statistics are taken over (N·H·W...)."""
+    return math.prod(x.shape) // x.shape[1]
+
+
 class BatchStatNorm(nn.Module):
     """A BatchNorm layer in train mode that keeps no running statistics (the attacker's copy).
 
@@ -92,8 +97,9 @@ class BatchStatNorm(nn.Module):
         kept, self._kept = self._kept, None
         if kept is None:
             return None
-        mean, var, count = (*_mean_and_variance(kept), math.prod(kept.shape) // kept.shape[1]) \
-            if isinstance(kept, torch.Tensor) else kept
+        if isinstance(kept, torch.Tensor):  # the input (native mode): its statistics are computed now
+            kept = (*_mean_and_variance(kept), _values_per_channel(kept))
+        mean, var, count = kept
         return mean.flatten(), var.flatten() * (count / (count - 1) if count > 1 else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +111,7 @@ class BatchStatNorm(nn.Module):
         # two passes over the activations, forward and backward, instead of four
         mean, var = _mean_and_variance(x)
         if self.keep_statistics:
-            self._kept = (mean, var, math.prod(x.shape) // x.shape[1])
+            self._kept = (mean, var, _values_per_channel(x))
         shape = [1, -1, *[1] * (x.dim() - 2)]
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
