@@ -7,7 +7,7 @@ and the attacker use (the architecture is public in the threat model).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -124,16 +124,30 @@ def initial_model(scenario: Scenario, in_shape: tuple[int, int, int], num_classe
 
 
 @contextmanager
-def captured_inputs(layer: nn.Module, *, detach: bool = False) -> Iterator[list[torch.Tensor]]:
-    """Within the block, every forward of ``layer`` appends its (first) input to the yielded list
-    (detached when ``detach``); the hook is removed on leaving, exception or not."""
+def _captured(register: Callable, pick: Callable[[tuple], torch.Tensor], detach: bool) -> Iterator[list[torch.Tensor]]:
+    """Hook ``register`` (a module's hook registration); every call appends ``pick(hook arguments)``."""
     captured: list[torch.Tensor] = []
-    handle = layer.register_forward_pre_hook(
-        lambda _module, args: captured.append(args[0].detach() if detach else args[0]))
+
+    def keep(*call) -> None:  # returns None: the module's input and output stay as they are
+        value = pick(call)
+        captured.append(value.detach() if detach else value)
+
+    handle = register(keep)
     try:
         yield captured
     finally:
         handle.remove()
+
+
+def captured_inputs(layer: nn.Module, *, detach: bool = False) -> ContextManager[list[torch.Tensor]]:
+    """Within the block, every forward of ``layer`` appends its (first) input to the yielded list
+    (detached when ``detach``); the hook is removed on leaving, exception or not."""
+    return _captured(layer.register_forward_pre_hook, lambda call: call[1][0], detach)
+
+
+def captured_outputs(layer: nn.Module, *, detach: bool = False) -> ContextManager[list[torch.Tensor]]:
+    """:func:`captured_inputs` for ``layer``'s output."""
+    return _captured(layer.register_forward_hook, lambda call: call[2], detach)
 
 
 def state_to_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from clients.training import train_locally
 from defenses.base import Defense, NoParams
-from fedsim.models import build_model, captured_inputs
+from fedsim.models import build_model, captured_inputs, captured_outputs
 from fedsim.scenario import ModelSpec, TrainingSpec
 from fedsim.schedule import local_batches, num_local_steps
 
@@ -103,3 +103,10 @@ def test_captured_inputs_keeps_each_forward_input_and_removes_its_hook():
     with captured_inputs(layer) as attached:
         layer(x)
     assert attached[0] is x
+    with captured_inputs(layer) as inputs, captured_outputs(layer) as outputs:
+        out = layer(x)
+    assert inputs[0] is x and outputs[0] is out and out.requires_grad
+    with captured_outputs(layer, detach=True) as detached:
+        out = layer(x)
+    assert torch.equal(detached[0], out.detach()) and not detached[0].requires_grad
+    assert not layer._forward_hooks and not layer._forward_pre_hooks

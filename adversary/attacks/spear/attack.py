@@ -3,7 +3,9 @@ then labels and (optionally) images from its result."""
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from adversary.attacks.spear.inversion import spear_invert_linear
 from adversary.attacks.spear.labels import slot_labels
 from adversary.attacks.spear.problem import SpearParams, SpearResult
 from adversary.attacks.spear.replay import replay_checker
-from fedsim.models import captured_inputs
+from fedsim.models import captured_inputs, captured_outputs
 
 
 def find_linear(model: nn.Module, name: str = "") -> tuple[str, nn.Linear]:
@@ -30,50 +32,43 @@ def find_linear(model: nn.Module, name: str = "") -> tuple[str, nn.Linear]:
     raise ValueError(f"no linear layer {name!r} in the model" if name else "the model has no linear layer")
 
 
-def next_linear(model: nn.Module, layer: nn.Module, shape: tuple[int, int, int]) -> str | None:
-    """Module name of the ``nn.Linear`` whose input is exactly ReLU(``layer``'s output) on a probe
-    batch (the MLP's next layer), or None: SPEAR's next-layer test needs ReLU(Z) to feed it alone."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(key: str):  # a forward pre-hook that returns None leaves the module's input alone
-        return lambda mod, args: seen.__setitem__(key, args[0].detach())
-
-    hooks = [mod.register_forward_pre_hook(keep(key))
-             for key, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod is not layer]
-    outs: list[torch.Tensor] = []
-    hooks.append(layer.register_forward_hook(lambda mod, inp, out: outs.append(out.detach())))
-    probe = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+@contextmanager
+def _probing(model: nn.Module) -> Iterator[None]:
+    """The block runs ``model`` in eval mode without gradients; its mode is restored on leaving."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(probe)
+            yield
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
+
+
+def next_linear(model: nn.Module, layer: nn.Module, shape: tuple[int, int, int]) -> str | None:
+    """Module name of the ``nn.Linear`` whose input is exactly ReLU(``layer``'s output) on a probe
+    batch (the MLP's next layer), or None: SPEAR's next-layer test needs ReLU(Z) to feed it alone."""
+    probe = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+    with _probing(model), ExitStack() as hooks:
+        seen = {key: hooks.enter_context(captured_inputs(mod, detach=True))
+                for key, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod is not layer}
+        outs = hooks.enter_context(captured_outputs(layer, detach=True))
+        model(probe)
     if not outs:
         return None
     relu = torch.relu(outs[0])
-    return next((key for key, inp in seen.items() if inp.shape == relu.shape and torch.equal(inp, relu)), None)
+    return next((key for key, inputs in seen.items()
+                 if inputs and inputs[-1].shape == relu.shape and torch.equal(inputs[-1], relu)), None)
 
 
 def _layer_role(model: nn.Module, layer: nn.Module, shape: tuple[int, int, int]) -> tuple[bool, bool]:
     """(input is the flattened image itself, output is the model's output) for ``layer``."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hook = layer.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].detach(), out.detach())))
     probe = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(probe)
-    finally:
-        hook.remove()
-        model.train(was_training)
-    if not seen:
+    with _probing(model), captured_inputs(layer, detach=True) as inputs, \
+            captured_outputs(layer, detach=True) as outputs:
+        logits = model(probe)
+    if not outputs:
         return False, False
-    inp, out = seen[0]
+    inp, out = inputs[0], outputs[0]
     image = inp.shape == (2, probe[0].numel()) and torch.equal(inp, probe.flatten(1))
     return image, out.shape == logits.shape and torch.equal(out, logits)
 

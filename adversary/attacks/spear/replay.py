@@ -20,6 +20,7 @@ from torch import nn
 from adversary.attacks.spear.labels import slot_labels
 from adversary.observation import Observation, global_model
 from adversary.maths.unroll import step_coefficients
+from fedsim.models import captured_outputs
 
 
 REPLAY_TOL = 1e-3  # relative error of a replayed column that still counts as consistent
@@ -38,24 +39,17 @@ def replay_layer_gradients(obs: Observation, layer_name: str, inputs: torch.Tens
     a = step_coefficients(max(obs.num_steps, 1), tr.momentum, tr.nesterov)
     opt = torch.optim.SGD(model.parameters(), lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay,
                           nesterov=tr.nesterov)
-    outputs: list[torch.Tensor] = []
-
-    def keep(_mod, _inp, out: torch.Tensor) -> None:
-        out.retain_grad()
-        outputs.append(out)
-
-    handle = layer.register_forward_hook(keep)
     total = torch.zeros(len(inputs), layer.out_features, dtype=torch.float64)
     model.train()
-    try:
+    with captured_outputs(layer) as outputs:
         for j in range(len(a)):
             outputs.clear()
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(inputs.double()), labels).backward()
+            loss = F.cross_entropy(model(inputs.double()), labels)
+            outputs[0].retain_grad()
+            loss.backward()
             total += a[j] * outputs[0].grad
             opt.step()
-    finally:
-        handle.remove()
     return total
 
 
