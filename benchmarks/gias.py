@@ -11,7 +11,9 @@ update with the same number of matching-objective evaluations E:
 - GI-z/w: ``gias`` with stage "z/w" (GIAS), E/3 latent + 2E/3 parameter-search steps;
 - GI-z, GI-w, GI-z/w (untrained G): the same with an untrained DCGAN instead of the prior;
 - GI-z, GI-w, GI-z/w (GIML G): the same with a generator GIML learned from other clients'
-  updates (``--giml-prior``, e.g. ``benchmarks/giml.py --held-out 4 --save DIR``'s).
+  updates (``--giml-prior``, e.g. ``benchmarks/giml.py --held-out 4 --save DIR``'s);
+- GI-z, GI-w, GI-z/w (conditional G): the same with a class-conditional prior
+  (``--conditional-prior``, ``fedsim train-prior --conditional``'s), at the recovered labels.
 
 The paper's ablation rows (GI-w, the untrained and the GIML generator) run on the cases of
 ``--ablation-batch-sizes`` (b = 8 by default); ``--methods`` runs only the rows named.
@@ -56,14 +58,15 @@ from fedsim.scenario import Scenario  # noqa: E402
 
 #: the rows of the paper's ablation beyond GI-x, GI-z and GI-z/w with the trained prior
 ABLATIONS = ("GI-w", "GI-z (untrained G)", "GI-w (untrained G)", "GI-z/w (untrained G)",
-             "GI-z (GIML G)", "GI-w (GIML G)", "GI-z/w (GIML G)")
+             "GI-z (GIML G)", "GI-w (GIML G)", "GI-z/w (GIML G)",
+             "GI-z (conditional G)", "GI-w (conditional G)", "GI-z/w (conditional G)")
 
 
-def methods(prior: Path, evaluations: int, ablations: bool,
-            giml_prior: Path | None = None) -> dict[str, tuple[str, object]]:
+def methods(prior: Path, evaluations: int, ablations: bool, giml_prior: Path | None = None,
+            conditional_prior: Path | None = None) -> dict[str, tuple[str, object]]:
     """Method name -> (attack, params), each spending ``evaluations`` objective evaluations;
-    ``ablations``: also GI-w, the untrained-generator rows and, given ``giml_prior``, the
-    GIML-generator rows (:data:`ABLATIONS`)."""
+    ``ablations``: also GI-w, the untrained-generator rows and, given ``giml_prior`` /
+    ``conditional_prior``, the rows with that generator (:data:`ABLATIONS`)."""
     third = evaluations // 3
     stages = {"GI-z": GiasParams(stage="z", latent_iterations=evaluations),
               "GI-w": GiasParams(stage="w", parameter_iterations=evaluations),
@@ -73,9 +76,10 @@ def methods(prior: Path, evaluations: int, ablations: bool,
         chosen[name] = ("gias", replace(params, generator=str(prior)))
     for name, params in stages.items():
         chosen[f"{name} (untrained G)"] = ("gias", params)  # GiasParams' default generator: untrained
-    if giml_prior is not None:
-        for name, params in stages.items():
-            chosen[f"{name} (GIML G)"] = ("gias", replace(params, generator=str(giml_prior)))
+    for kind, path in (("GIML G", giml_prior), ("conditional G", conditional_prior)):
+        if path is not None:
+            for name, params in stages.items():
+                chosen[f"{name} ({kind})"] = ("gias", replace(params, generator=str(path)))
     return {name: method for name, method in chosen.items() if ablations or name not in ABLATIONS}
 
 
@@ -133,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--multistep-batch", type=int, default=4, help="images of the multi-step update (0: skip)")
     ap.add_argument("--giml-prior", type=Path, default=None,
                     help="a generator GIML learned from other clients' updates: adds the (GIML G) ablation rows")
+    ap.add_argument("--conditional-prior", type=Path, default=None,
+                    help="a class-conditional prior (fedsim train-prior --conditional): adds the (conditional G) rows")
     ap.add_argument("--methods", nargs="*", default=None, help="run only these rows (e.g. 'GI-z/w (GIML G)')")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = validate_scenario(args.scenario)
     result: dict = {"scenario": str(args.scenario), "prior": str(args.prior), "evaluations": args.evaluations,
                     "giml_prior": None if args.giml_prior is None else str(args.giml_prior),
+                    "conditional_prior": None if args.conditional_prior is None else str(args.conditional_prior),
                     "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                                 "platform": platform.platform(), "loadavg_start": os.getloadavg()},
                     "runs": {}, "summary": {}}
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, scenario, ablations in cases:
         print(name, flush=True)
         chosen = {name: method for name, method in methods(args.prior, args.evaluations, ablations,
-                                                           args.giml_prior).items()
+                                                           args.giml_prior, args.conditional_prior).items()
                   if args.methods is None or name in args.methods}
         if not chosen:
             continue

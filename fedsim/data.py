@@ -421,9 +421,10 @@ def load_auxiliary(spec: DataSpec, seed: int, count: int) -> tuple[torch.Tensor,
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def unassigned_training_images(scenario: Scenario, splits: DatasetSplits, count: int) -> torch.Tensor:
-    """``count`` images (N, C, H, W) in [0, 1] of the training pool that no client of ``scenario``
-    holds (its partitions), a seeded choice: auxiliary data from the clients' distribution for
+def unassigned_training_images(scenario: Scenario, splits: DatasetSplits,
+                               count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` images (N, C, H, W) in [0, 1] and their labels (N,) of the training pool that no
+    client of ``scenario`` holds (its partitions), a seeded choice: auxiliary data from the clients' distribution for
     the data sets without a generated auxiliary stream. DataError when fewer than ``count`` are
     left, naming the keys that make room."""
     try:
@@ -436,8 +437,8 @@ def unassigned_training_images(scenario: Scenario, splits: DatasetSplits, count:
                         f"images are held by no client, {count} auxiliary images asked for; ask for fewer "
                         f"(--examples), or raise data.train_examples or lower federation.num_clients × "
                         f"data.examples_per_client, or give a folder of your own images (--aux-folder)")
-    chosen = _rng(scenario.seed, _STREAM_AUXILIARY).choice(free, size=count, replace=False)
-    return splits.domain.to_unit(splits.train_x[torch.from_numpy(np.sort(chosen))])
+    chosen = torch.from_numpy(np.sort(_rng(scenario.seed, _STREAM_AUXILIARY).choice(free, size=count, replace=False)))
+    return splits.domain.to_unit(splits.train_x[chosen]), splits.train_y[chosen]
 
 
 def load_image_folder(folder: str | Path, shape: tuple[int, int, int], count: int, seed: int) -> torch.Tensor:

@@ -39,6 +39,18 @@ class BankGenerator(nn.Module):
         return torch.einsum("nk,kchw->nchw", torch.softmax(4 * z, dim=1), self.bank)
 
 
+class ClassBankGenerator(nn.Module):
+    """A conditional user generator: one bank of images per class, G(z, y) = Σ_k softmax(z)_k · bank[y]_k."""
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 3, width: int = 0, num_classes: int = 10):
+        super().__init__()
+        self.image_shape, self.latent_dim, self.num_classes = tuple(image_shape), latent_dim, num_classes
+        self.bank = nn.Parameter(torch.zeros(num_classes, latent_dim, *image_shape))
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nk,nkchw->nchw", torch.softmax(4 * z, dim=1), self.bank[labels])
+
+
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """A FedSGD update of 4 photos, and a prior whose bank holds them among 12 photos."""
@@ -70,6 +82,26 @@ def test_latent_search_through_a_prior_holding_the_images_recovers_them(case):
     assert sorted(rec.labels.tolist()) == sorted(y.tolist())  # recovered from the update and rec.inputs.shape == x.shape
     pixels = geiping.run(obs, replace(geiping.GeipingParams(), iterations=150), AttackContext(seed=0))
     assert _mean_psnr(domain, rec, x, y) > 25.0 > _mean_psnr(domain, pixels, x, y) + 5.0
+
+
+def test_a_conditional_prior_searches_the_images_of_the_recovered_labels(case, tmp_path):
+    """Class y's bank holds the batch's images of class y among photos of no client's batch, and
+    no other class's: GIAS finds them only by asking the generator for the labels it recovered."""
+    domain, obs, x, y, params = case
+    photos = load_data(DataSpec(train_examples=40, test_examples=10, image_size=16), seed=0)
+    prior = ClassBankGenerator(domain.shape, num_classes=domain.num_classes)
+    others = iter(photos.train_x[10:])
+    with torch.no_grad():
+        for c in range(domain.num_classes):
+            mine = [image for image, label in zip(x, y) if label == c]
+            images = (mine + [next(others) for _ in range(3 - len(mine))])[:3]
+            prior.bank[c].copy_(domain.to_unit(torch.stack(images)))
+    path = tmp_path / "classes.pt"
+    save_prior(path, prior, {"latent_dim": 3, "width": 0, "num_classes": domain.num_classes}, {"split": "test"})
+    conditional = replace(params, generator=str(path), generator_class=f"{__name__}:ClassBankGenerator")
+    for stage in ("z", "z/w"):
+        rec = gias.run(obs, replace(conditional, stage=stage), AttackContext(seed=0))
+        assert _mean_psnr(domain, rec, x, y) > 25.0, stage
 
 
 def test_the_parameter_search_does_not_end_worse_than_the_latents(case):
@@ -132,3 +164,9 @@ def test_the_benchmark_gives_every_method_the_same_budget():
     assert stages["GI-w"] == stages["GI-w (untrained G)"] == "w" and stages["GI-z/w"] == "z/w"
     assert [p.generator for name, (_, p) in chosen.items() if "untrained" in name] == ["untrained"] * 3
     assert list(bench.methods(Path("prior.pt"), 300, ablations=False)) == ["GI-x", "GI-z", "GI-z/w"]
+    extra = bench.methods(Path("prior.pt"), 300, ablations=True, giml_prior=Path("giml.pt"),
+                          conditional_prior=Path("conditional.pt"))
+    for kind, path in (("GIML G", "giml.pt"), ("conditional G", "conditional.pt")):
+        rows = {name: p for name, (_, p) in extra.items() if name.endswith(f"({kind})")}
+        assert [name.split()[0] for name in rows] == ["GI-z", "GI-w", "GI-z/w"]
+        assert {p.generator for p in rows.values()} == {path} and {p.evaluations for p in rows.values()} == {300}

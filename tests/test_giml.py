@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adversary.attacks.giml import GimlParams
+from adversary.maths.matching import attack_labels
 from adversary.priors.checkpoint import load_prior
 from adversary.priors.giml import GimlSettings, MetaLearner
 from adversary.priors.search import FlatWeights
@@ -53,6 +54,21 @@ def test_the_reptile_step_moves_the_generator_meta_lr_of_the_way(updates):
         moved[meta_lr] = FlatWeights(learner.generator).base - before
     assert moved[1.0].abs().max() > 1e-3
     torch.testing.assert_close(moved[0.25], 0.25 * moved[1.0], atol=1e-6, rtol=1e-4)
+
+
+def test_a_conditional_generator_learns_only_the_classes_of_the_update(updates):
+    """GIML from a conditional generator asks it for the recovered labels: the weights that read
+    the one-hot codes of the update's classes move, those of every other class stay put."""
+    domain, observed = updates
+    generator = untrained_generator(domain.shape, seed=0, num_classes=domain.num_classes, **SMALL)
+    settings = GimlSettings(latent_iterations=5, inner_steps=5, inner_lr=1e-2, meta_lr=1.0)
+    learner = MetaLearner(generator, settings, seed=0, device=torch.device("cpu"))
+    codes = generator.net[0].weight[SMALL["latent_dim"]:].detach().clone()  # (classes, C', 4, 4)
+    learner.learn(observed[0])
+    moved = (generator.net[0].weight[SMALL["latent_dim"]:] - codes).flatten(1).abs().amax(1)
+    seen = set(attack_labels(observed[0], 2)[0].tolist())
+    assert 0 < len(seen) < domain.num_classes
+    assert all((moved[c] > 1e-4) == (c in seen) for c in range(domain.num_classes)), (moved, seen)
 
 
 class FakePool:

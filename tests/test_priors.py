@@ -11,6 +11,7 @@ from torch import nn
 
 from adversary.priors.checkpoint import PriorError, load_prior, save_prior
 from adversary.priors.dcgan import Generator
+from adversary.priors.search import generate
 from adversary.priors.training import PriorTraining, train_prior
 from fedsim.data import DataError, load_auxiliary, load_data, load_image_folder, scenario_partitions
 from fedsim.run.cli import main
@@ -121,6 +122,56 @@ def test_train_prior_writes_a_loadable_checkpoint_and_a_sample_grid(tmp_path, ca
     assert main(["train-prior", str(ROOT / "scenarios" / "geiping_fedsgd_b1.toml"), "--out", str(tmp_path)]) == 2
 
 
+def test_a_conditional_prior_makes_the_class_asked_for_and_round_trips(tmp_path):
+    """Two classes of flat images, dark and bright: the conditional prior's samples follow the
+    label they are asked for; the checkpoint keeps it conditional; a scenario with another number
+    of classes is refused in one line."""
+    labels = torch.arange(32) % 2
+    images = (0.15 + 0.7 * labels.float()).view(-1, 1, 1, 1).expand(-1, *SHAPE).clone()
+    settings = PriorTraining(steps=150, batch_size=16, lr=1e-3, conditional=True, **CONFIG)
+    generator = train_prior(images, settings, seed=1, labels=labels, num_classes=2).generator
+    z = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dark, bright = (generate(generator, z, torch.full((64,), c)).mean().item() for c in (0, 1))
+    assert dark < 0.35 and bright > 0.65, (dark, bright)
+    save_prior(tmp_path / "c.pt", generator, {**CONFIG, "num_classes": 2}, {"split": "auxiliary"})
+    loaded, _ = load_prior(tmp_path / "c.pt", SHAPE, num_classes=2)
+    mixed = torch.arange(64) % 2
+    with torch.no_grad():
+        assert torch.equal(generate(generator, z, mixed), generate(loaded, z, mixed))
+    with pytest.raises(PriorError, match="conditional on 2 classes, the scenario's data has 10") as caught:
+        load_prior(tmp_path / "c.pt", SHAPE, num_classes=10)
+    assert len(str(caught.value).splitlines()) == 1
+    with pytest.raises(ValueError, match="needs the labels"):
+        loaded(z)
+    with pytest.raises(ValueError, match="one label per image"):
+        train_prior(images, settings, seed=1, num_classes=2)
+
+
+def test_train_prior_conditional_from_the_cli(tmp_path, capsys):
+    scenario = str(ROOT / "scenarios" / "geiping_fedsgd_b1.toml")
+    out = tmp_path / "prior.pt"
+    code = main(["--quiet", "train-prior", scenario, "--out", str(out), "--conditional", "--steps", "2",
+                 "--examples", "16", "--width", "4", "--latent-dim", "8"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "conditional on 10 classes" in printed.out
+    generator, header = load_prior(out, (3, 32, 32), num_classes=10)
+    assert header.config == {**CONFIG, "num_classes": 10} and generator.num_classes == 10
+    (tmp_path / "mine").mkdir()
+    code = main(["train-prior", scenario, "--out", str(tmp_path / "f.pt"), "--conditional", "--aux-folder",
+                 str(tmp_path / "mine")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--conditional" in err and "no labels" in err
+    five = Generator((3, 32, 32), latent_dim=8, width=4, num_classes=5)
+    save_prior(tmp_path / "five.pt", five, {**CONFIG, "num_classes": 5}, {})
+    run_dir = tmp_path / "run"
+    assert main(["attack", str(_scenario(tmp_path, tmp_path / "five.pt")), "--out", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "attack.gias.generator" in err and "conditional on 5 classes" in err and len(err.splitlines()) == 1
+    assert not run_dir.exists()
+
+
 def test_auxiliary_data_is_disjoint_from_every_clients_data():
     spec = DataSpec(image_size=16, train_examples=600, test_examples=100)
     splits = load_data(spec, seed=0)
@@ -154,13 +205,16 @@ def test_other_data_sets_train_their_prior_on_the_training_images_no_client_hold
     path.write_text(LFW_SCENARIO)
     scenario = validate_scenario(path)
     splits = load_data(scenario.data, scenario.seed)
-    images, source = auxiliary_images(scenario, 30)
-    assert images.shape == (30, *splits.domain.shape) and source["split"] == "training images held by no client"
+    aux = auxiliary_images(scenario, 30)
+    images = aux.images
+    assert images.shape == (30, *splits.domain.shape) and aux.source["split"] == "training images held by no client"
     clients = splits.domain.to_unit(splits.train_x[torch.cat(scenario_partitions(scenario, splits))]).flatten(1)
     exact = "donot_use_mm_for_euclid_dist"
     assert torch.cdist(images.flatten(1), clients, compute_mode=exact).min() > 1e-3  # none of the 40 client images
     pool = splits.domain.to_unit(splits.train_x).flatten(1)
-    assert torch.cdist(images.flatten(1), pool, compute_mode=exact).min(dim=1).values.max() < 1e-5  # all from it
+    nearest = torch.cdist(images.flatten(1), pool, compute_mode=exact).min(dim=1)
+    assert nearest.values.max() < 1e-5  # all from it
+    assert torch.equal(aux.labels, splits.train_y[nearest.indices])  # with their own labels (a conditional prior)
     free = len(splits.train_y) - 40
     with pytest.raises(DataError, match=f"{free} of the {len(splits.train_y)} .*--examples.*data.train_examples"):
         auxiliary_images(scenario, free + 1)

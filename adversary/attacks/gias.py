@@ -30,8 +30,9 @@ from adversary.maths.matching import BN_WEIGHT, TV_WEIGHT, Matcher, attack_label
 from adversary.maths.objectives import LAYER_WEIGHTINGS, MATCHING_LOSSES
 from adversary.observation import Observation, Reconstruction
 from adversary.priors.checkpoint import PriorError, load_prior
-from adversary.priors.search import latent_search, parameter_search
+from adversary.priors.search import generate, latent_search, parameter_search
 from adversary.priors.training import untrained_generator
+from fedsim.domain import DataDomain
 
 STAGES = ("z", "w", "z/w")
 UNTRAINED = "untrained"
@@ -76,11 +77,13 @@ class GiasParams:
         the data once the data is loaded: :meth:`check_data`)."""
         return self.check_data(None)
 
-    def check_data(self, image_shape: tuple[int, int, int] | None) -> tuple[str, str] | None:
-        """Once the data is known: the checkpoint must make images of the data's shape."""
+    def check_data(self, domain: DataDomain | None) -> tuple[str, str] | None:
+        """Once the data is known: the checkpoint must make images of the data's shape (and, a
+        conditional one, know its classes)."""
         if self.generator != UNTRAINED:
             try:
-                load_prior(self.generator, image_shape, self.generator_class)
+                load_prior(self.generator, None if domain is None else domain.shape, self.generator_class,
+                           None if domain is None else domain.num_classes)
             except PriorError as exc:
                 return "generator", str(exc)
         return None
@@ -92,11 +95,11 @@ class GiasParams:
         return latent + (self.parameter_iterations if "w" in self.stage else 0)
 
 
-def load_generator(params: GiasParams, image_shape: tuple[int, int, int], seed: int) -> nn.Module:
-    """The generator ``params`` name, for images of ``image_shape``; raises PriorError."""
+def load_generator(params: GiasParams, domain: DataDomain, seed: int) -> nn.Module:
+    """The generator ``params`` name, for images of ``domain``; raises PriorError."""
     if params.generator == UNTRAINED:
-        return untrained_generator(image_shape, params.latent_dim, params.width, seed)
-    generator, _ = load_prior(params.generator, image_shape, params.generator_class)
+        return untrained_generator(domain.shape, params.latent_dim, params.width, seed)
+    generator, _ = load_prior(params.generator, domain.shape, params.generator_class, domain.num_classes)
     return generator
 
 
@@ -107,8 +110,9 @@ def run(obs: Observation, params: GiasParams, ctx: AttackContext) -> Reconstruct
                       bn_weight=params.bn_weight)
     n = matcher.n
     labels, label_source = attack_labels(obs, n)
-    objective = image_objective(matcher, labels.to(device), params.tv_weight)
-    generator = load_generator(params, obs.domain.shape, ctx.seed).to(device)
+    labels = labels.to(device)
+    objective = image_objective(matcher, labels, params.tv_weight)
+    generator = load_generator(params, obs.domain, ctx.seed).to(device)
     for p in generator.parameters():
         p.requires_grad_(False)
     normalise = obs.domain.normalise
@@ -130,7 +134,7 @@ def run(obs: Observation, params: GiasParams, ctx: AttackContext) -> Reconstruct
         found = None
         for restart in range(params.restarts):
             descent = latent_search(objective, generator, normalise, z if restart == 0 else random_latents(),
-                                    iterations=params.latent_iterations, lr=params.latent_lr,
+                                    labels, iterations=params.latent_iterations, lr=params.latent_lr,
                                     deadline=ctx.deadline, on_step=on_step)
             objectives.append(descent.objective)
             if found is None or descent.objective < found.objective:
@@ -140,9 +144,10 @@ def run(obs: Observation, params: GiasParams, ctx: AttackContext) -> Reconstruct
                 break
         z, best = found.inputs, found.objective
         with torch.no_grad():
-            images = normalise(generator(z))
+            images = normalise(generate(generator, z, labels))
     if "w" in params.stage and not stopped:
-        searched, descent = parameter_search(objective, generator, normalise, z, iterations=params.parameter_iterations,
+        searched, descent = parameter_search(objective, generator, normalise, z, labels,
+                                             iterations=params.parameter_iterations,
                                              lr=params.parameter_lr, prior_weight=params.prior_weight,
                                              signed=params.parameter_signed,
                                              deadline=ctx.deadline, on_step=on_step)

@@ -88,10 +88,11 @@ def _class(architecture: str, user_class: str) -> type[nn.Module]:
 
 
 def load_prior(path: str | Path, image_shape: tuple[int, ...] | None = None,
-               user_class: str = "") -> tuple[nn.Module, PriorHeader]:
+               user_class: str = "", num_classes: int | None = None) -> tuple[nn.Module, PriorHeader]:
     """The generator in ``path`` (eval mode, CPU) and its header. ``image_shape`` (C, H, W): the
-    shape the generator must produce (the scenario's). Raises :class:`PriorError` (one line) for a
-    missing, truncated or tampered file, or a wrong image shape."""
+    shape the generator must produce (the scenario's); ``num_classes``: the data's classes, which a
+    conditional generator must have. Raises :class:`PriorError` (one line) for a missing,
+    truncated or tampered file, a wrong image shape or number of classes."""
     where = f"prior checkpoint '{path}'"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -122,4 +123,7 @@ def load_prior(path: str | Path, image_shape: tuple[int, ...] | None = None,
     except Exception as exc:  # noqa: BLE001 - a header/state mismatch shows up as any error of the class
         raise PriorError(f"{where}: weights do not fit {header.architecture!r} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    conditional = getattr(generator, "num_classes", 0)
+    if conditional and num_classes is not None and conditional != num_classes:
+        raise PriorError(f"{where}: is conditional on {conditional} classes, the scenario's data has {num_classes}")
     return generator.eval(), header

@@ -67,11 +67,12 @@ class MetaLearner:
         normalise = obs.domain.normalise
         rng = torch.Generator().manual_seed(derive_seed(self.seed, obs.server_round, obs.client_id))
         start = torch.randn((matcher.n, self.generator.latent_dim), generator=rng).to(self.device)
-        found = latent_search(objective, self.generator, normalise, start, iterations=s.latent_iterations,
+        labels = labels.to(self.device)
+        found = latent_search(objective, self.generator, normalise, start, labels, iterations=s.latent_iterations,
                               lr=s.latent_lr)
         weights = FlatWeights(self.generator)
         z = found.inputs.detach()
-        inner = descend_inputs(lambda row: objective(normalise(weights.shared_images(row, z))), weights.base,
+        inner = descend_inputs(lambda row: objective(normalise(weights.shared_images(row, z, labels))), weights.base,
                                iterations=s.inner_steps, lr=s.inner_lr, signed=False, lr_decay=False)
         weights.load(weights.base + s.meta_lr * (inner.inputs - weights.base))
         return Task(obs.server_round, obs.client_id, found.objective, inner.objective)

@@ -8,7 +8,8 @@
 Both minimise an image objective (:func:`adversary.maths.matching.image_objective`) with
 :func:`adversary.maths.matching.descend_inputs` (Adam, lr ×0.1 at 3/8, 5/8, 7/8). The
 generator runs in eval mode (BatchNorm with its running statistics), so that one image's
-output does not depend on the others'.
+output does not depend on the others'. A class-conditional generator makes image i of class
+``labels[i]`` (the labels the attack recovered); an unconditional one ignores them.
 """
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ from torch.func import functional_call, vmap
 from adversary.maths.matching import Descent, descend_inputs
 
 Images = Callable[[torch.Tensor], torch.Tensor]  # (n, C, H, W) in [0, 1] -> normalised (n, C, H, W)
+
+
+def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """G(z) (n, C, H, W) in [0, 1]; a conditional generator (``num_classes`` > 0) at ``labels`` (n,)."""
+    return generator(z, labels) if getattr(generator, "num_classes", 0) else generator(z)
 
 
 class FlatWeights:
@@ -40,17 +46,18 @@ class FlatWeights:
         """n copies of G's weights (n, P)."""
         return self.base.repeat(n, 1)
 
-    def _call(self, row: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _call(self, row: torch.Tensor, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weights = {k: c.view(s) for k, c, s in zip(self.names, row.split(self.sizes), self.shapes)}
-        return functional_call(self.generator, {**weights, **self.buffers}, (z,))
+        arguments = (z, labels) if getattr(self.generator, "num_classes", 0) else (z,)
+        return functional_call(self.generator, {**weights, **self.buffers}, arguments)
 
-    def images(self, rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Image i = G with weights ``rows[i]`` at ``z[i]``: (n, C, H, W) in [0, 1]."""
-        return vmap(lambda row, latent: self._call(row, latent[None])[0])(rows, z)
+    def images(self, rows: torch.Tensor, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Image i = G with weights ``rows[i]`` at ``z[i]`` (class ``labels[i]``): (n, C, H, W) in [0, 1]."""
+        return vmap(lambda row, latent, label: self._call(row, latent[None], label[None])[0])(rows, z, labels)
 
-    def shared_images(self, row: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """G with weights ``row`` (P,) at every latent of ``z``: (n, C, H, W) in [0, 1]."""
-        return self._call(row, z)
+    def shared_images(self, row: torch.Tensor, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """G with weights ``row`` (P,) at every latent of ``z`` (and label): (n, C, H, W) in [0, 1]."""
+        return self._call(row, z, labels)
 
     def load(self, row: torch.Tensor) -> None:
         """Write ``row`` (P,) into G's parameters."""
@@ -65,31 +72,35 @@ class FlatWeights:
 
 
 def latent_search(objective: Callable[[torch.Tensor], torch.Tensor], generator: nn.Module, normalise: Images,
-                  start: torch.Tensor, *, iterations: int, lr: float, deadline: float | None = None,
-                  on_step: Callable[[float], None] | None = None) -> Descent:
+                  start: torch.Tensor, labels: torch.Tensor, *, iterations: int, lr: float,
+                  deadline: float | None = None, on_step: Callable[[float], None] | None = None) -> Descent:
     """GI-z: minimise ``objective(normalise(G(z)))`` over latents ``z`` (n, latent_dim) from
-    ``start``; the Descent's ``inputs`` are the best latents."""
+    ``start`` (images of classes ``labels`` (n,) for a conditional G); the Descent's ``inputs``
+    are the best latents."""
     generator.eval()
-    return descend_inputs(lambda z: objective(normalise(generator(z))), start, iterations=iterations, lr=lr,
+    return descend_inputs(lambda z: objective(normalise(generate(generator, z, labels))), start,
+                          iterations=iterations, lr=lr,
                           signed=False, deadline=deadline, on_step=on_step)
 
 
 def parameter_search(objective: Callable[[torch.Tensor], torch.Tensor], generator: nn.Module, normalise: Images,
-                     z: torch.Tensor, *, iterations: int, lr: float, prior_weight: float, signed: bool = True,
+                     z: torch.Tensor, labels: torch.Tensor, *, iterations: int, lr: float, prior_weight: float,
+                     signed: bool = True,
                      deadline: float | None = None,
                      on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, Descent]:
-    """GI-w: per-image copies of G's weights at fixed latents ``z`` (n, latent_dim); ``signed``:
+    """GI-w: per-image copies of G's weights at fixed latents ``z`` (n, latent_dim) and classes
+    ``labels`` (n,) (used by a conditional G); ``signed``:
     Adam steps on the sign of the gradient. Returns the
     images (n, C, H, W, normalised) of the best copies and the Descent over the weight rows."""
     weights = FlatWeights(generator)
     z = z.detach()
 
     def regularised(rows: torch.Tensor) -> torch.Tensor:
-        value = objective(normalise(weights.images(rows, z)))
+        value = objective(normalise(weights.images(rows, z, labels)))
         return value + prior_weight * weights.distance(rows) if prior_weight else value
 
     descent = descend_inputs(regularised, weights.rows(len(z)).to(z.device), iterations=iterations, lr=lr,
                              signed=signed, deadline=deadline, on_step=on_step)
     with torch.no_grad():
-        images = normalise(weights.images(descent.inputs, z))
+        images = normalise(weights.images(descent.inputs, z, labels))
     return images, descent

@@ -57,7 +57,7 @@ class GimlSink:
             run_dir.keep_rounds_through(done_rounds, TASKS, "server_round")
             start, _ = load_prior(saved[max(saved)], domain.shape, params.generator_class)
         else:
-            start = load_generator(params, domain.shape, derive_seed(seed, "giml"))
+            start = load_generator(params, domain, derive_seed(seed, "giml"))
         self.learner = MetaLearner(start, params.settings(), derive_seed(seed, "giml", "tasks"), device)
         self.config = {"latent_dim": start.latent_dim, "width": params.width}
         self.tasks = len(run_dir.read(TASKS))

@@ -133,10 +133,16 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     for name, value in {**chosen, "examples": args.examples}.items():
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')}: got {value}, must be >= 1")
-    settings = PriorTraining(**chosen)
+    if args.conditional and args.aux_folder is not None:
+        raise UserError(f"--conditional trains on labelled images; the files under --aux-folder '{args.aux_folder}' "
+                        "have no labels (leave out one of the two)")
+    settings = PriorTraining(**chosen, conditional=args.conditional)
     outcome = train_prior_for(args.scenario, args.out, settings, args.examples, show_progress=not args.quiet,
                               folder=args.aux_folder)
-    print(f"Prior: {outcome.checkpoint} ({outcome.header.architecture}, images {list(outcome.header.image_shape)}, "
+    kind = outcome.header.architecture
+    if outcome.header.config.get("num_classes"):
+        kind += f", conditional on {outcome.header.config['num_classes']} classes"
+    print(f"Prior: {outcome.checkpoint} ({kind}, images {list(outcome.header.image_shape)}, "
           f"{outcome.header.data['examples']} auxiliary images from {outcome.header.data['split']}; "
           f"last 100 steps: d_loss {outcome.d_loss:.3f}, "
           f"g_loss {outcome.g_loss:.3f})")
@@ -196,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "split (embedded photos: new crops; other data sets: training images no client holds)")
     prior.add_argument("--latent-dim", type=int, default=None, help="latent size (default 64)")
     prior.add_argument("--width", type=int, default=None, help="base channel width of both nets (default 32)")
+    prior.add_argument("--conditional", action="store_true",
+                       help="class-conditional prior: GIAS then searches among the images of the labels it "
+                            "recovered from the update")
     prior.set_defaults(func=cmd_train_prior)
     return parser
 

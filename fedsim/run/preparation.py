@@ -54,10 +54,10 @@ def check_partition(scenario: Scenario, splits: DatasetSplits) -> None:
 
 def check_attack_data(scenario: Scenario, splits: DatasetSplits) -> None:
     """Attack parameters that depend on the data (e.g. a prior's image shape), checked before the
-    run: a params dataclass may define ``check_data(image_shape) -> (key, message) | None``."""
+    run: a params dataclass may define ``check_data(domain) -> (key, message) | None``."""
     params = resolve_attack_params(scenario.attack.attacks, scenario.attack.params, scenario.source)
     for name, p in params.items():
-        problem = p.check_data(splits.domain.shape) if hasattr(p, "check_data") else None
+        problem = p.check_data(splits.domain) if hasattr(p, "check_data") else None
         if problem:
             raise ScenarioError(scenario.source, f"attack.{name}.{problem[0]}", problem[1])
 
