@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adversary.priors.dcgan import ARCHITECTURE, Generator
+from adversary.priors.dcgan import ARCHITECTURE, Generator, conditional_classes
 
 FORMAT = "fedsim-prior/1"
 
@@ -123,7 +123,7 @@ def load_prior(path: str | Path, image_shape: tuple[int, ...] | None = None,
     except Exception as exc:  # noqa: BLE001 - a header/state mismatch shows up as any error of the class
         raise PriorError(f"{where}: weights do not fit {header.architecture!r} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    conditional = getattr(generator, "num_classes", 0)
+    conditional = conditional_classes(generator)
     if conditional and num_classes is not None and conditional != num_classes:
         raise PriorError(f"{where}: is conditional on {conditional} classes, the scenario's data has {num_classes}")
     return generator.eval(), header

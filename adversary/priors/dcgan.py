@@ -63,6 +63,12 @@ class Generator(nn.Module):
         return torch.sigmoid(out)
 
 
+def conditional_classes(generator: nn.Module) -> int:
+    """How many classes ``generator`` is conditional on (0: unconditional; a user's generator
+    without a ``num_classes`` attribute is unconditional)."""
+    return getattr(generator, "num_classes", 0) or 0
+
+
 def one_hot(labels: torch.Tensor | None, num_classes: int, like: torch.Tensor) -> torch.Tensor:
     """(n,) class indices -> (n, num_classes) codes of ``like``'s dtype and device (by indexing,
     which ``torch.func.vmap`` batches)."""

@@ -20,13 +20,14 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from adversary.maths.matching import Descent, descend_inputs
+from adversary.priors.dcgan import conditional_classes
 
 Images = Callable[[torch.Tensor], torch.Tensor]  # (n, C, H, W) in [0, 1] -> normalised (n, C, H, W)
 
 
 def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """G(z) (n, C, H, W) in [0, 1]; a conditional generator (``num_classes`` > 0) at ``labels`` (n,)."""
-    return generator(z, labels) if getattr(generator, "num_classes", 0) else generator(z)
+    return generator(z, labels) if conditional_classes(generator) else generator(z)
 
 
 class FlatWeights:
@@ -48,7 +49,7 @@ class FlatWeights:
 
     def _call(self, row: torch.Tensor, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weights = {k: c.view(s) for k, c, s in zip(self.names, row.split(self.sizes), self.shapes)}
-        arguments = (z, labels) if getattr(self.generator, "num_classes", 0) else (z,)
+        arguments = (z, labels) if conditional_classes(self.generator) else (z,)
         return functional_call(self.generator, {**weights, **self.buffers}, arguments)
 
     def images(self, rows: torch.Tensor, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
