@@ -116,6 +116,7 @@ def test_train_prior_writes_a_loadable_checkpoint_and_a_sample_grid(tmp_path, ca
     code = main(["--quiet", "train-prior", str(ROOT / "scenarios" / "geiping_fedsgd_b1.toml"), "--out", str(out),
                  "--steps", "2", "--examples", "16", "--width", "4", "--latent-dim", "8"])
     assert code == 0, capsys.readouterr().err
+    assert "last 2 steps: d_loss" in capsys.readouterr().out  # the mean spans the steps there were
     generator, header = load_prior(out, (3, 32, 32))
     assert header.data["split"] == "auxiliary" and header.data["examples"] == 16 and header.config == CONFIG
     assert out.with_suffix(".png").stat().st_size > 0 and _samples(generator).shape == (6, 3, 32, 32)

@@ -144,7 +144,7 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
         kind += f", conditional on {outcome.header.config['num_classes']} classes"
     print(f"Prior: {outcome.checkpoint} ({kind}, images {list(outcome.header.image_shape)}, "
           f"{outcome.header.data['examples']} auxiliary images from {outcome.header.data['split']}; "
-          f"last 100 steps: d_loss {outcome.d_loss:.3f}, "
+          f"last {outcome.loss_steps} steps: d_loss {outcome.d_loss:.3f}, "
           f"g_loss {outcome.g_loss:.3f})")
     print(f"Samples: {outcome.samples} (auxiliary images above, generated samples below)")
     return 0

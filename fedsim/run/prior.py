@@ -21,13 +21,15 @@ from fedsim.seeding import derive_seed
 
 @dataclass
 class PriorOutcome:
-    """What :func:`train_prior_for` wrote, and the mean losses of the last 100 steps."""
+    """What :func:`train_prior_for` wrote, and the mean losses of the last ``loss_steps`` steps
+    (100, or all when fewer)."""
 
     checkpoint: Path
     samples: Path
     header: PriorHeader
     d_loss: float
     g_loss: float
+    loss_steps: int
 
 
 @dataclass
@@ -93,4 +95,5 @@ def train_prior_for(scenario_path: str | Path, out: str | Path, settings: PriorT
                                                           generator=torch.Generator().manual_seed(0)), sample_labels)
     grid = save_comparison_grid(out.with_suffix(".png"), images[:16], samples, nrow=8)
     tail = trained.losses[-100:]
-    return PriorOutcome(out, grid, header, sum(d for d, _ in tail) / len(tail), sum(g for _, g in tail) / len(tail))
+    return PriorOutcome(out, grid, header, sum(d for d, _ in tail) / len(tail), sum(g for _, g in tail) / len(tail),
+                        len(tail))
