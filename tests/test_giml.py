@@ -9,7 +9,7 @@ import torch
 
 from adversary.attacks.giml import GimlParams
 from adversary.maths.matching import attack_labels
-from adversary.priors.checkpoint import load_prior
+from adversary.priors.checkpoint import load_prior, save_prior
 from adversary.priors.giml import GimlSettings, MetaLearner
 from adversary.priors.search import FlatWeights
 from adversary.priors.training import untrained_generator
@@ -146,3 +146,24 @@ def test_a_resumed_run_learns_what_an_uninterrupted_run_learns(updates, tmp_path
     assert header.data["tasks"] == 3
     for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_the_sink_saves_a_checkpoint_prior_with_its_own_config(updates, tmp_path):
+    """GIML started from a prior checkpoint (conditional, width 4 where GimlParams says 32) saves
+    generators with the checkpoint's config, so they load and a resumed run continues from them."""
+    domain, observed = updates
+    prior = untrained_generator(domain.shape, seed=3, num_classes=domain.num_classes, **SMALL)
+    config = {**SMALL, "num_classes": domain.num_classes}
+    save_prior(tmp_path / "prior.pt", prior, config, {"split": "auxiliary"})
+    params = GimlParams(generator=str(tmp_path / "prior.pt"), meta_latent_iterations=5, inner_steps=5, inner_lr=1e-2)
+    assert params.width != SMALL["width"]
+    run_dir = RunDirectory.create(tmp_path / "run")
+    sink = GimlSink(FakePool(), params, domain, run_dir, torch.device("cpu"), seed=0)
+    sink.submit(observed[0], None)
+    start, header = load_prior(run_dir.path / "giml" / "after_round_000.pt", domain.shape)
+    assert header.config == config
+    z, labels = torch.randn(3, SMALL["latent_dim"]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        assert torch.equal(start(z, labels), prior(z, labels))
+    resumed = GimlSink(FakePool(), params, domain, run_dir, torch.device("cpu"), seed=0, done_rounds=1)
+    assert resumed.config == config and resumed.learner.generator.num_classes == domain.num_classes

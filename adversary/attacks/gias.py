@@ -95,12 +95,14 @@ class GiasParams:
         return latent + (self.parameter_iterations if "w" in self.stage else 0)
 
 
-def load_generator(params: GiasParams, domain: DataDomain, seed: int) -> nn.Module:
-    """The generator ``params`` name, for images of ``domain``; raises PriorError."""
+def load_generator(params: GiasParams, domain: DataDomain, seed: int) -> tuple[nn.Module, dict]:
+    """The generator ``params`` name, for images of ``domain``, and the constructor config to save
+    it with (a checkpoint's own: its width and classes, not ``params``'); raises PriorError."""
     if params.generator == UNTRAINED:
-        return untrained_generator(domain.shape, params.latent_dim, params.width, seed)
-    generator, _ = load_prior(params.generator, domain.shape, params.generator_class, domain.num_classes)
-    return generator
+        return (untrained_generator(domain.shape, params.latent_dim, params.width, seed),
+                {"latent_dim": params.latent_dim, "width": params.width})
+    generator, header = load_prior(params.generator, domain.shape, params.generator_class, domain.num_classes)
+    return generator, header.config
 
 
 def run(obs: Observation, params: GiasParams, ctx: AttackContext) -> Reconstruction:
@@ -112,7 +114,7 @@ def run(obs: Observation, params: GiasParams, ctx: AttackContext) -> Reconstruct
     labels, label_source = attack_labels(obs, n)
     labels = labels.to(device)
     objective = image_objective(matcher, labels, params.tv_weight)
-    generator = load_generator(params, obs.domain, ctx.seed).to(device)
+    generator = load_generator(params, obs.domain, ctx.seed)[0].to(device)
     for p in generator.parameters():
         p.requires_grad_(False)
     normalise = obs.domain.normalise

@@ -55,11 +55,11 @@ class GimlSink:
             for r in [r for r in saved if r > done_rounds]:
                 saved.pop(r).unlink()
             run_dir.keep_rounds_through(done_rounds, TASKS, "server_round")
-            start, _ = load_prior(saved[max(saved)], domain.shape, params.generator_class)
+            start, header = load_prior(saved[max(saved)], domain.shape, params.generator_class)
+            self.config = header.config
         else:
-            start = load_generator(params, domain, derive_seed(seed, "giml"))
+            start, self.config = load_generator(params, domain, derive_seed(seed, "giml"))
         self.learner = MetaLearner(start, params.settings(), derive_seed(seed, "giml", "tasks"), device)
-        self.config = {"latent_dim": start.latent_dim, "width": params.width}
         self.tasks = len(run_dir.read(TASKS))
         if not saved:
             self.save(0)
