@@ -424,9 +424,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def unassigned_training_images(scenario: Scenario, splits: DatasetSplits,
                                count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` images (N, C, H, W) in [0, 1] and their labels (N,) of the training pool that no
-    client of ``scenario`` holds (its partitions), a seeded choice: auxiliary data from the clients' distribution for
-    the data sets without a generated auxiliary stream. DataError when fewer than ``count`` are
-    left, naming the keys that make room."""
+    client of ``scenario`` holds (its partitions), a seeded choice: auxiliary data from the
+    clients' distribution for the data sets without a generated auxiliary stream. DataError when
+    fewer than ``count`` are left, naming the keys that make room."""
     try:
         assigned = torch.cat(scenario_partitions(scenario, splits))
     except ValueError as exc:

@@ -25,9 +25,14 @@ from adversary.priors.dcgan import conditional_classes
 Images = Callable[[torch.Tensor], torch.Tensor]  # (n, C, H, W) in [0, 1] -> normalised (n, C, H, W)
 
 
+def generator_arguments(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What ``generator``'s forward takes: ``(z, labels)`` for a conditional one, else ``(z,)``."""
+    return (z, labels) if conditional_classes(generator) else (z,)
+
+
 def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """G(z) (n, C, H, W) in [0, 1]; a conditional generator (``num_classes`` > 0) at ``labels`` (n,)."""
-    return generator(z, labels) if conditional_classes(generator) else generator(z)
+    return generator(*generator_arguments(generator, z, labels))
 
 
 class FlatWeights:
@@ -49,8 +54,8 @@ class FlatWeights:
 
     def _call(self, row: torch.Tensor, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weights = {k: c.view(s) for k, c, s in zip(self.names, row.split(self.sizes), self.shapes)}
-        arguments = (z, labels) if conditional_classes(self.generator) else (z,)
-        return functional_call(self.generator, {**weights, **self.buffers}, arguments)
+        return functional_call(self.generator, {**weights, **self.buffers},
+                               generator_arguments(self.generator, z, labels))
 
     def images(self, rows: torch.Tensor, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Image i = G with weights ``rows[i]`` at ``z[i]`` (class ``labels[i]``): (n, C, H, W) in [0, 1]."""
